@@ -1,0 +1,25 @@
+"""Errors a user can act on: the CLI prints their message without a traceback."""
+
+
+class MetaflowError(Exception):
+    """Base of every expected failure (bad input, missing data, registry refusals)."""
+
+
+class DataError(MetaflowError):
+    """A data source is missing, corrupt, or cannot yield the requested tasks."""
+
+
+class ConfigError(MetaflowError):
+    """params.yaml (or a CLI override) is invalid."""
+
+
+class RegistryError(MetaflowError):
+    """A registered model, version or alias is unknown, or a promotion is refused."""
+
+
+class PayloadError(MetaflowError):
+    """A predict request does not follow the contract."""
+
+
+class DivergenceError(MetaflowError):
+    """Training produced NaN/inf; the message names the step and the last good checkpoint."""

@@ -1,0 +1,20 @@
+"""Method registry: `kind` -> class. A new method is one file plus one entry here."""
+
+from __future__ import annotations
+
+from metaflowlib.methods.base import MetaLearner, StepStats
+from metaflowlib.methods.protonet import ProtoNet
+
+METHODS: dict[str, type[MetaLearner]] = {cls.kind: cls for cls in (ProtoNet,)}
+
+
+def build_method(kind: str, **config) -> MetaLearner:
+    """Instantiate a method by its registry key."""
+    try:
+        cls = METHODS[kind]
+    except KeyError:
+        raise KeyError(f"unknown method kind {kind!r}; known: {sorted(METHODS)}") from None
+    return cls(**config)
+
+
+__all__ = ["METHODS", "MetaLearner", "StepStats", "build_method", "ProtoNet"]

@@ -1,0 +1,102 @@
+"""The one interface every meta-learning method implements.
+
+Vocabulary (the lecture's formalism):
+- omega, the meta-knowledge: this module's parameters and buffers; it is what
+  meta-training produces and what the registry stores (safetensors + JSON).
+- theta_i, the task parameters: what `adapt` returns for a batch of tasks
+  (prototypes, fine-tuned weights, predicted classifier weights).
+- Meta-training minimizes the query loss after adaptation, summed over tasks.
+
+A method holds its mathematics and nothing else: the training loop, the
+evaluation protocol, checkpoints, tracking and the registry live elsewhere
+and speak to methods only through this class.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metaflowlib.episodes import Episode
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one meta-step reports to the training loop (detached floats)."""
+
+    loss: float
+    accuracy: float
+
+
+class MetaLearner(nn.Module, ABC):
+    """Base of every method.
+
+    Subclasses set `kind` (the params discriminator and registry key) and
+    implement `adapt` and `predict`. Per-example methods (ProtoNet, parameter
+    prediction) set `per_example_features = True` and implement `features`: the
+    evaluation protocol then embeds a whole split once and builds every task
+    from the cached features.
+    """
+
+    kind: ClassVar[str]
+    per_example_features: ClassVar[bool] = False
+
+    def __init__(self, **config: Any) -> None:
+        super().__init__()
+        self._config = dict(config)
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able constructor arguments: `type(self)(**config)` rebuilds the architecture."""
+        return dict(self._config)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Per-example representation fed to `adapt`/`predict`; identity unless overridden."""
+        return x
+
+    @abstractmethod
+    def adapt(self, support_x: Tensor, support_y: Tensor, ways: int) -> Any:
+        """theta_i for each task: support [T, N*K, ...] -> task parameters (batched over T)."""
+
+    @abstractmethod
+    def predict(self, theta: Any, query_x: Tensor) -> Tensor:
+        """Query logits [T, N*Q, N] under task parameters theta."""
+
+    def meta_loss(self, episode: Episode) -> tuple[Tensor, Tensor]:
+        """Mean query cross-entropy after adaptation, and the query logits.
+
+        Per-example methods embed support and query in one forward pass.
+        """
+        t, s = episode.support_x.shape[:2]
+        if self.per_example_features:
+            both = torch.cat([episode.support_x, episode.query_x], dim=1)
+            z = self.features(both.flatten(0, 1)).unflatten(0, (t, -1))
+            support_z, query_z = z[:, :s], z[:, s:]
+        else:
+            support_z, query_z = episode.support_x, episode.query_x
+        theta = self.adapt(support_z, episode.support_y, episode.ways)
+        logits = self.predict(theta, query_z)
+        return query_cross_entropy(logits, episode.query_y), logits
+
+    def meta_gradient(self, episode: Episode) -> StepStats:
+        """Accumulate d(meta-loss)/d(omega) into `.grad`; the loop applies the outer optimizer.
+
+        Methods whose outer update is not a loss gradient (Reptile, iMAML)
+        override this and write `.grad` directly.
+        """
+        loss, logits = self.meta_loss(episode)
+        loss.backward()
+        return StepStats(loss=float(loss.detach()), accuracy=accuracy(logits, episode.query_y))
+
+
+def query_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean over tasks and queries of -log p(y | x)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> float:
+    return float((logits.argmax(-1) == labels).float().mean())

@@ -1,0 +1,56 @@
+"""Prototypical Networks (Snell, Swersky & Zemel, NeurIPS 2017).
+
+omega   = the embedding f_phi (Conv-4).
+theta_i = the prototypes c_k = mean of f_phi(x) over the support examples of class k (eq. 1).
+p(y=k|x) = softmax_k(-d(f_phi(x), c_k)), d = squared Euclidean (eq. 2) or cosine.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from metaflowlib.methods.base import MetaLearner
+from metaflowlib.models import Conv4
+
+
+class ProtoNet(MetaLearner):
+    """ProtoNet over a Conv-4 embedding.
+
+    Args:
+        in_channels, hidden: Conv-4 shape.
+        distance: "euclidean" (squared, the paper's choice) or "cosine".
+        temperature: logit scale for cosine distance (cosine in [-1, 1] is too flat for softmax).
+    """
+
+    kind = "protonet"
+    per_example_features = True
+
+    def __init__(self, in_channels: int = 1, hidden: int = 64, distance: str = "euclidean", temperature: float = 10.0):
+        if distance not in ("euclidean", "cosine"):
+            raise ValueError(f"distance must be 'euclidean' or 'cosine', got {distance!r}")
+        super().__init__(in_channels=in_channels, hidden=hidden, distance=distance, temperature=temperature)
+        self.embedding = Conv4(in_channels, hidden)
+        self.distance = distance
+        self.temperature = temperature
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.embedding(x)
+
+    def adapt(self, support_x: Tensor, support_y: Tensor, ways: int) -> Tensor:
+        """Prototypes [T, N, D]: class means of support embeddings (eq. 1)."""
+        z = support_x.float()
+        one_hot = F.one_hot(support_y, ways).to(z.dtype)  # [T, S, N]
+        sums = one_hot.transpose(1, 2) @ z  # [T, N, D]
+        return sums / one_hot.sum(1)[..., None]
+
+    def predict(self, theta: Tensor, query_x: Tensor) -> Tensor:
+        """Logits -d(f(x), c_k): [T, Q, N]."""
+        z = query_x.float()
+        with torch.autocast(z.device.type, enabled=False):
+            if self.distance == "cosine":
+                return self.temperature * F.normalize(z, dim=-1) @ F.normalize(theta, dim=-1).transpose(1, 2)
+            # ||z - c||^2 = ||z||^2 - 2 z.c + ||c||^2, one batched matmul
+            sq = z.pow(2).sum(-1, keepdim=True) - 2 * z @ theta.transpose(1, 2) + theta.pow(2).sum(-1)[:, None, :]
+            return -sq.clamp_min(0)
