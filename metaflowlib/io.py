@@ -14,19 +14,20 @@ from typing import Any, Iterator
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `target`; rename it onto `target` only on success."""
+    """Yield a not-yet-existing temporary path; rename it onto `target` only on success.
+
+    For a directory (`is_dir=True`) the caller creates it; an existing target
+    is moved aside and removed after the new one is in place.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    work = tmp if is_dir else tmp / target.name
+    work = tmp / target.name
     try:
         yield work
-        if is_dir:
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(work, target)
-        else:
-            os.replace(work, target)
+        if is_dir and target.exists():
+            os.replace(target, tmp / ".previous")
+        os.replace(work, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,0 +1,126 @@
+"""`metaflowlib`: check params, browse the registry, promote behind the gate, roll back.
+
+Expected failures (bad params, missing data, registry refusals) print one
+line `error: ...` and exit 2; only bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from metaflowlib.errors import MetaflowError
+
+
+def run_guarded(main: Callable[[], None]) -> None:
+    """Run a command or stage: a MetaflowError becomes a one-line message and exit code 2."""
+    from metaflowlib.tracking import quiet_environment
+
+    quiet_environment()
+    try:
+        main()
+    except MetaflowError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _configure(args: argparse.Namespace):
+    """Load params (for the tracking URI and gate metric) and point MLflow at the store."""
+    from metaflowlib import tracking
+    from metaflowlib.config import load_params
+
+    params = load_params(args.params)
+    tracking.configure(args.tracking_uri or params.mlflow.tracking_uri)
+    return params
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    from metaflowlib.config import load_params
+
+    params = load_params(args.params)
+    methods = ", ".join(f"{k} ({m.kind})" for k, m in params.methods.items())
+    print(f"{args.params}: valid; profile {params.profile}, dataset {params.data.name}, methods: {methods}")
+
+
+def cmd_models_list(args: argparse.Namespace) -> None:
+    from metaflowlib import registry
+
+    params = _configure(args)
+    models = registry.list_models()
+    if not models:
+        print("no registered models yet: run `dvc repro`")
+    for model in models:
+        print(model["name"])
+        for v in model["versions"]:
+            aliases = f" [{', '.join(v.aliases)}]" if v.aliases else ""
+            score = v.metric(params.registry.gate_metric)
+            shown = f"{params.registry.gate_metric} {score:.4f}" if score is not None else "not evaluated"
+            print(f"  v{v.version}{aliases}  {shown}  run {v.run_id}")
+
+
+def cmd_models_show(args: argparse.Namespace) -> None:
+    from metaflowlib import registry
+
+    _configure(args)
+    info = registry.get_version(args.name, args.version) if args.version else registry.get_alias(args.name)
+    if info is None:
+        raise MetaflowError(f"{args.name} has no production version; pass a version number")
+    print(f"{info.name} v{info.version} aliases={info.aliases} run={info.run_id}")
+    print(info.description)
+    for key in sorted(info.tags):
+        print(f"  {key}: {info.tags[key]}")
+
+
+def cmd_promote(args: argparse.Namespace) -> None:
+    from metaflowlib import registry
+
+    params = _configure(args)
+    print(registry.promote(args.name, args.version, args.metric or params.registry.gate_metric, force=args.force))
+
+
+def cmd_rollback(args: argparse.Namespace) -> None:
+    from metaflowlib import registry
+
+    _configure(args)
+    print(registry.rollback(args.name))
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="metaflowlib", description=__doc__.splitlines()[0])
+    top.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    top.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or params mlflow.tracking_uri)")
+    commands = top.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("check", help="validate params.yaml").set_defaults(func=cmd_check)
+
+    models = commands.add_parser("models", help="browse registered models").add_subparsers(dest="action", required=True)
+    models.add_parser("list", help="every model with versions, aliases and gate metric").set_defaults(func=cmd_models_list)
+    show = models.add_parser("show", help="one version (default: production) with its tags")
+    show.add_argument("name")
+    show.add_argument("version", nargs="?")
+    show.set_defaults(func=cmd_models_show)
+
+    promote = commands.add_parser("promote", help="move 'production' to a version that beats the current one")
+    promote.add_argument("name")
+    promote.add_argument("version")
+    promote.add_argument("--force", action="store_true", help="promote even if it does not beat production")
+    promote.add_argument("--metric", help="gate metric (default: params registry.gate_metric)")
+    promote.set_defaults(func=cmd_promote)
+
+    rollback = commands.add_parser("rollback", help="point 'production' back at the version it replaced")
+    rollback.add_argument("name")
+    rollback.set_defaults(func=cmd_rollback)
+    return top
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    run_guarded(lambda: args.func(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""params.yaml, parsed once into typed, validated objects.
+
+Every section forbids unknown keys; every method block is one member of a
+discriminated union on `kind`. A bad value fails before any work, with one
+message that lists each offending field, its value and why.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from metaflowlib.errors import ConfigError
+
+OMNIGLOT_EXAMPLES_PER_CLASS = 20
+VINYALS_CLASSES = {"train": 4112, "val": 688, "test": 1692}
+SETTING_PATTERN = r"^\d+w\d+s$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Strict):
+    dataset: Literal["omniglot", "custom"] = "omniglot"
+    protocol: Literal["vinyals", "lake"] = "vinyals"
+    source: str | None = None  # data root; None -> $METAFLOWLIB_DATA, ../shared/data, then the official download
+    custom_source: str | None = None  # dataset=custom: a Hugging Face dataset id or an imagefolder directory
+    image_size: int = Field(28, ge=8, le=512)
+    lake_val_alphabets: int = Field(5, ge=1)
+    split_fractions: tuple[float, float, float] = (0.6, 0.15, 0.25)
+    split_seed: int = 0
+    verify_checksums: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataParams:
+        if self.dataset == "custom" and not self.custom_source:
+            raise ValueError("dataset 'custom' needs custom_source (a Hugging Face dataset id or an imagefolder directory)")
+        if any(f <= 0 for f in self.split_fractions) or abs(sum(self.split_fractions) - 1) > 1e-6:
+            raise ValueError(f"split_fractions {self.split_fractions} must be positive and sum to 1")
+        return self
+
+    @property
+    def name(self) -> str:
+        """Experiment/dataset name, e.g. 'omniglot-vinyals'."""
+        return f"omniglot-{self.protocol}" if self.dataset == "omniglot" else "custom"
+
+
+class Budget(Strict):
+    """Stop at whichever limit comes first; at least one must be set."""
+
+    episodes: int | None = Field(None, ge=1)
+    seconds: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> Budget:
+        if self.episodes is None and self.seconds is None:
+            raise ValueError("a budget needs episodes or seconds")
+        return self
+
+
+class Budgets(Strict):
+    default: Budget = Budget(seconds=480)
+    full: Budget = Budget(episodes=30000)
+
+
+class MetaOptimizer(Strict):
+    """The outer-loop optimizer of omega, with a step decay (Snell et al.: Adam 1e-3 halved every 2000 episodes)."""
+
+    name: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    decay_every: int = Field(2000, ge=1)
+    decay: float = Field(0.5, gt=0, le=1)
+    grad_clip: float | None = Field(None, gt=0)
+
+
+class MethodBase(Strict):
+    """Fields every method shares: the training task shape, the outer optimizer, the budget."""
+
+    ways: int = Field(60, ge=2)
+    shots: int = Field(5, ge=1)
+    queries: int = Field(5, ge=1)
+    tasks_per_step: int = Field(1, ge=1)  # meta-batch size
+    meta_optimizer: MetaOptimizer = MetaOptimizer()
+    budget: Budgets = Budgets()
+    description: str = ""
+
+    def model_config_dict(self) -> dict[str, Any]:
+        """Constructor arguments of the method class (omega's architecture)."""
+        raise NotImplementedError
+
+
+class ProtoNetParams(MethodBase):
+    kind: Literal["protonet"]
+    hidden: int = Field(64, ge=1)
+    distance: Literal["euclidean", "cosine"] = "euclidean"
+    temperature: float = Field(10.0, gt=0)
+
+    def model_config_dict(self) -> dict[str, Any]:
+        return {"hidden": self.hidden, "distance": self.distance, "temperature": self.temperature}
+
+
+MethodParams = Annotated[Union[ProtoNetParams], Field(discriminator="kind")]
+
+
+class ValidationParams(Strict):
+    ways: int = Field(5, ge=2)
+    shots: int = Field(1, ge=1)
+    queries: int = Field(15, ge=1)
+    episodes: int = Field(200, ge=1)
+
+
+class TrainParams(Strict):
+    val_every: int = Field(250, ge=1)  # episodes between validations (best omega by val accuracy is kept)
+    validation: ValidationParams = ValidationParams()
+    checkpoint_every: int = Field(500, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where the CPU/GPU supports it
+    channels_last: bool = True  # oneDNN's fast path on CPU; Tensor Cores' on GPU
+    progress: Literal["auto", "bar", "log", "off"] = "auto"  # auto: a bar on a terminal, a line per validation otherwise
+
+
+class EvaluateParams(Strict):
+    episodes: int = Field(1000, ge=1)
+    queries: int = Field(15, ge=1)
+    settings: tuple[Annotated[str, Field(pattern=SETTING_PATTERN)], ...] = ("5w1s", "5w5s", "20w1s", "20w5s")
+    shots_curve: tuple[int, ...] = (1, 5, 10, 20)  # accuracy vs shots at 5-way (capped by examples per class)
+    seed: int = 2017
+    batch_tasks: int = Field(50, ge=1)
+    timing_tasks: int = Field(100, ge=1)  # tasks timed one at a time from raw images for the adaptation cost
+
+
+class MlflowParams(Strict):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str | None = None  # None -> the dataset name, e.g. 'omniglot-vinyals'
+    artifact_location: str = "mlartifacts"  # for new experiments on a local store
+
+
+class RegistryParams(Strict):
+    model_prefix: str | None = None  # registered name = '<prefix>-<method key>'; None -> dataset name
+    gate_metric: Annotated[str, Field(pattern=r"^acc_\d+w\d+s$")] = "acc_5w1s"
+    promote_first: bool = True  # the pipeline may promote a version when no production version exists
+
+
+class Params(Strict):
+    profile: Literal["default", "full"] = "default"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataParams = DataParams()
+    methods: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")], MethodParams] = Field(min_length=1)
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    mlflow: MlflowParams = MlflowParams()
+    registry: RegistryParams = RegistryParams()
+
+    @model_validator(mode="after")
+    def _tasks_can_be_sampled(self) -> Params:
+        """Refuse task shapes the data cannot supply (Omniglot: 20 drawings per class)."""
+        if self.data.dataset != "omniglot":
+            return self
+        limit = OMNIGLOT_EXAMPLES_PER_CLASS
+        shapes = [(f"methods.{k}", m.ways, m.shots + m.queries, "train") for k, m in self.methods.items()]
+        shapes.append(("train.validation", self.train.validation.ways, self.train.validation.shots + self.train.validation.queries, "val"))
+        shapes += [(f"evaluate.settings[{s}]", w, k + self.evaluate.queries, "test") for s, (w, k) in self.settings().items()]
+        for field, ways, per_class, split in shapes:
+            if per_class > limit:
+                raise ValueError(f"{field}: shots + queries = {per_class} exceeds the {limit} examples per Omniglot class")
+            if self.data.protocol == "vinyals" and ways > VINYALS_CLASSES[split]:
+                raise ValueError(f"{field}: {ways} ways exceed the {VINYALS_CLASSES[split]} classes of the vinyals {split} split")
+        return self
+
+    def settings(self) -> dict[str, tuple[int, int]]:
+        """'5w1s' -> (5, 1) for each evaluation setting."""
+        out = {}
+        for setting in self.evaluate.settings:
+            ways, shots = setting[:-1].split("w")
+            out[setting] = (int(ways), int(shots))
+        return out
+
+    def method(self, key: str) -> MethodParams:
+        if key not in self.methods:
+            raise ConfigError(f"no method '{key}' in params.yaml methods (have: {', '.join(sorted(self.methods))})")
+        return self.methods[key]
+
+    def budget(self, key: str) -> Budget:
+        return getattr(self.method(key).budget, self.profile)
+
+    @property
+    def experiment(self) -> str:
+        return self.mlflow.experiment or self.data.name
+
+    def registered_name(self, key: str) -> str:
+        return f"{self.registry.model_prefix or self.data.name}-{key}"
+
+
+def format_validation_error(error: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: {error.error_count()} invalid value(s)"]
+    kinds = {"protonet"}
+    for item in error.errors():
+        loc = list(item["loc"])
+        if len(loc) > 2 and loc[0] == "methods" and loc[2] in kinds:
+            del loc[2]  # the union's tag, not a key the user wrote
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {field}: {item['msg'].removeprefix('Value error, ')}{shown}")
+    return "\n".join(lines)
+
+
+def parse_params(data: Any, origin: str = "params") -> Params:
+    try:
+        return Params.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, origin)) from None
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    """Read and validate params.yaml; any problem is one ConfigError naming the fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found (run from the project root, or pass --params)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    return parse_params(data, str(path))

@@ -1,0 +1,1 @@
+"""Data sources, preparation into class-disjoint splits, and model preprocessing."""

@@ -1,0 +1,165 @@
+"""Turn a source into class-disjoint train/val/test splits saved as Hugging Face datasets (Arrow).
+
+Protocols:
+- vinyals: the 1028/172/423-character split of Vinyals et al. 2016 (as used by
+  Snell et al. 2017), each 90-degree rotation its own class -> 4112/688/1692 classes.
+- lake: background alphabets for meta-training (the last `val_alphabets` of
+  them, alphabetically, held out for validation), evaluation alphabets for
+  testing, no rotation classes (Lake et al. 2015).
+- custom: any Hugging Face image-classification dataset id or `imagefolder`
+  directory; classes are shuffled by seed and cut into disjoint splits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from metaflowlib.data.omniglot import OmniglotSet
+from metaflowlib.data.preprocess import resize_uint8
+from metaflowlib.errors import DataError
+from metaflowlib.io import atomic_path
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Split:
+    """uint8 images [M, S, S] (0 = ink), int labels [M] (0..C-1), and class names [C]."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    info: dict = field(default_factory=dict)
+
+
+def _omniglot_class_images(sets: list[OmniglotSet], size: int) -> dict[str, np.ndarray]:
+    """'<alphabet>/character<k>' -> uint8 [20, size, size], resized once by area averaging."""
+    out = {}
+    for omniglot_set in sets:
+        flat = omniglot_set.images.reshape(-1, *omniglot_set.images.shape[2:]).astype(np.uint8) * 255
+        resized = resize_uint8(flat, size).reshape(len(omniglot_set.characters), -1, size, size)
+        out.update({c.name: resized[i] for i, c in enumerate(omniglot_set.characters)})
+    return out
+
+
+def _stack(classes: list[tuple[str, np.ndarray]]) -> Split:
+    if not classes:
+        raise DataError("a split would have no classes")
+    images = np.concatenate([imgs for _, imgs in classes])
+    labels = np.concatenate([np.full(len(imgs), i, dtype=np.int32) for i, (_, imgs) in enumerate(classes)])
+    return Split(images, labels, [name for name, _ in classes])
+
+
+def vinyals_splits(sets: list[OmniglotSet], split_dir: Path, size: int) -> dict[str, Split]:
+    """Read `<split_dir>/{train,val,test}.txt` lines '<alphabet>/character<k>/rot<deg>'."""
+    characters = _omniglot_class_images(sets, size)
+    splits = {}
+    for split in SPLITS:
+        path = split_dir / f"{split}.txt"
+        if not path.is_file():
+            raise DataError(f"missing Vinyals split file {path}")
+        classes = []
+        for number, line in enumerate(path.read_text().split(), start=1):
+            character, _, rotation = line.rpartition("/")
+            if character not in characters or not rotation.startswith("rot"):
+                raise DataError(f"{path}:{number}: unknown class {line!r}")
+            degrees = int(rotation[3:])
+            classes.append((line, np.rot90(characters[character], k=degrees // 90, axes=(1, 2)).copy()))
+        splits[split] = _stack(classes)
+    return splits
+
+
+def lake_splits(sets: list[OmniglotSet], size: int, val_alphabets: int) -> dict[str, Split]:
+    characters = _omniglot_class_images(sets, size)
+    by_set = {s.name: s for s in sets}
+    background = sorted({c.alphabet for c in by_set["background"].characters})
+    if not 0 < val_alphabets < len(background):
+        raise DataError(f"lake_val_alphabets={val_alphabets} must be between 1 and {len(background) - 1}")
+    val = set(background[-val_alphabets:])
+
+    def pick(set_name: str, keep) -> Split:
+        return _stack([(c.name, characters[c.name]) for c in by_set[set_name].characters if keep(c.alphabet)])
+
+    return {
+        "train": pick("background", lambda a: a not in val),
+        "val": pick("background", lambda a: a in val),
+        "test": pick("evaluation", lambda a: True),
+    }
+
+
+def custom_splits(
+    images: np.ndarray, labels: np.ndarray, class_names: list[str], size: int, fractions: tuple[float, float, float], seed: int
+) -> dict[str, Split]:
+    """Class-disjoint splits of a labelled image collection, classes shuffled by `seed`."""
+    classes = np.unique(labels)
+    if len(classes) < 3:
+        raise DataError(f"need at least 3 classes to make class-disjoint splits, found {len(classes)}")
+    order = np.random.default_rng(seed).permutation(classes)
+    cut1 = max(1, round(fractions[0] * len(order)))
+    cut2 = max(cut1 + 1, round((fractions[0] + fractions[1]) * len(order)))
+    if cut2 >= len(order):
+        raise DataError(f"fractions {fractions} leave no test classes out of {len(order)}")
+    resized = resize_uint8(images, size)
+    groups = {"train": order[:cut1], "val": order[cut1:cut2], "test": order[cut2:]}
+    return {
+        split: _stack([(class_names[c], resized[labels == c]) for c in chosen]) for split, chosen in groups.items()
+    }
+
+
+def load_image_dataset(reference: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A Hugging Face dataset id or `imagefolder` directory -> grayscale uint8 images of one size.
+
+    Images of other sizes are resized later; here they only need to share a
+    size after conversion, so they are padded to nothing: mixed sizes are
+    resized to the first image's size.
+    """
+    import datasets
+
+    path = Path(reference).expanduser()
+    try:
+        if path.is_dir():
+            dataset = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
+        else:
+            dataset = datasets.load_dataset(reference, split="train")
+    except Exception as error:  # datasets raises many types; the user needs the reference and the reason
+        raise DataError(f"cannot load image dataset {reference!r}: {error}") from None
+    image_column = next((k for k, v in dataset.features.items() if isinstance(v, datasets.Image)), None)
+    label_column = next((k for k, v in dataset.features.items() if isinstance(v, datasets.ClassLabel)), None)
+    if image_column is None or label_column is None:
+        raise DataError(f"{reference!r} has no Image and ClassLabel columns (features: {dataset.features})")
+    names = dataset.features[label_column].names
+    arrays = [np.asarray(image.convert("L")) for image in dataset[image_column]]
+    if not arrays:
+        raise DataError(f"{reference!r} holds no images")
+    size = arrays[0].shape
+    from PIL import Image
+
+    arrays = [a if a.shape == size else np.asarray(Image.fromarray(a).resize(size[::-1])) for a in arrays]
+    return np.stack(arrays).astype(np.uint8), np.asarray(dataset[label_column]), list(names)
+
+
+def save_splits(splits: dict[str, Split], out_dir: Path, info: dict) -> None:
+    """Write every split as an Arrow dataset plus `info.json`, all or nothing."""
+    from datasets import Array2D, Dataset, Features, Value
+
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        tmp.mkdir()
+        summary = {}
+        for name, split in splits.items():
+            size = split.images.shape[1:]
+            features = Features({"image": Array2D(size, "uint8"), "label": Value("int32"), "class_name": Value("string")})
+            dataset = Dataset.from_dict(
+                {
+                    "image": split.images,
+                    "label": split.labels,
+                    "class_name": [split.class_names[i] for i in split.labels],
+                },
+                features=features,
+            )
+            dataset.save_to_disk(str(tmp / name))
+            summary[name] = {"classes": len(split.class_names), "examples": int(len(split.labels))}
+        (tmp / "info.json").write_text(json.dumps({**info, "splits": summary}, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,70 @@
+"""One few-shot task in, labels out: validation of the predict payload and the forward pass.
+
+Payload (a dict of arrays):
+- support_images: uint8 [S, H, W]  (0 = black ink, 255 = white paper; any H, W)
+- support_labels: int   [S]        (every class 0..N-1 present)
+- query_images:   uint8 [Q, H', W']
+Returns {"labels": int64 [Q], "probabilities": float32 [Q, N]}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from metaflowlib.data.preprocess import to_model_input
+from metaflowlib.errors import PayloadError
+from metaflowlib.methods import MetaLearner
+
+FIELDS = ("support_images", "support_labels", "query_images")
+MAX_IMAGES = 20_000  # per request: a larger payload is refused rather than exhausting memory
+MAX_SIDE = 1024
+
+
+def _images(payload: Mapping[str, Any], name: str) -> np.ndarray:
+    array = np.asarray(payload[name])
+    if array.dtype != np.uint8:
+        raise PayloadError(f"{name} must be uint8 (0 = ink, 255 = paper), got {array.dtype}")
+    if array.ndim != 3 or 0 in array.shape:
+        raise PayloadError(f"{name} must have shape [count, height, width] with no empty axis, got {list(array.shape)}")
+    if array.shape[0] > MAX_IMAGES or max(array.shape[1:]) > MAX_SIDE:
+        raise PayloadError(f"{name} too large: {list(array.shape)} (at most {MAX_IMAGES} images of side <= {MAX_SIDE})")
+    return array
+
+
+def validate_payload(payload: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(support images, support labels int64, query images, ways) or one PayloadError naming the problem."""
+    if not isinstance(payload, Mapping):
+        raise PayloadError(f"payload must be a dict with keys {list(FIELDS)}, got {type(payload).__name__}")
+    missing = [f for f in FIELDS if f not in payload]
+    if missing:
+        raise PayloadError(f"payload is missing {missing}; expected keys {list(FIELDS)}")
+    unknown = sorted(set(payload) - set(FIELDS))
+    if unknown:
+        raise PayloadError(f"payload has unknown keys {unknown}; expected keys {list(FIELDS)}")
+    support, query = _images(payload, "support_images"), _images(payload, "query_images")
+    labels = np.asarray(payload["support_labels"])
+    if labels.dtype.kind not in "iu":
+        raise PayloadError(f"support_labels must be integers, got {labels.dtype}")
+    if labels.ndim != 1 or labels.shape[0] != support.shape[0]:
+        raise PayloadError(f"support_labels must have shape [{support.shape[0]}] (one per support image), got {list(labels.shape)}")
+    classes = np.unique(labels)
+    if classes.size < 2 or not np.array_equal(classes, np.arange(classes.size)):
+        raise PayloadError(f"support_labels must use every class 0..N-1 with N >= 2, got classes {classes.tolist()[:20]}")
+    return support, labels.astype(np.int64), query, int(classes.size)
+
+
+@torch.no_grad()
+def predict_task(method: MetaLearner, payload: Mapping[str, Any], image_size: int, device: torch.device) -> dict[str, np.ndarray]:
+    """Adapt omega to the support set (theta_i), then classify the queries."""
+    support, labels, query, ways = validate_payload(payload)
+    support_x = to_model_input(support, image_size).to(device)
+    query_x = to_model_input(query, image_size).to(device)
+    support_y = torch.from_numpy(labels).to(device)
+    if method.per_example_features:
+        support_x, query_x = method.features(support_x), method.features(query_x)
+    theta = method.adapt(support_x[None], support_y[None], ways)
+    logits = method.predict(theta, query_x[None])[0].float()
+    return {"labels": logits.argmax(-1).cpu().numpy(), "probabilities": logits.softmax(-1).cpu().numpy()}

@@ -1,0 +1,198 @@
+"""The one meta-training loop: budget, validation, checkpoints, progress and logging.
+
+Every method goes through `MetaTrainer`: it draws a task batch, asks the
+method for the meta-gradient of omega, applies the outer optimizer, and
+owns everything else. It imports no tracking library: metrics leave through
+the `log` callback, so the loop runs on a bare GPU machine too.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from metaflowlib.artifacts import load_checkpoint, save_checkpoint
+from metaflowlib.episodes import EpisodeSampler
+from metaflowlib.errors import DivergenceError
+from metaflowlib.methods import MetaLearner
+from metaflowlib.runtime import PeakMemory, autocast
+
+LogFn = Callable[[dict[str, float], int], None]
+
+
+@dataclass
+class TrainResult:
+    episodes: int
+    seconds: float  # meta-training wall time, validation excluded, summed over resumes
+    best_val_accuracy: float
+    best_episode: int
+    peak_memory_mb: float
+    memory_kind: str
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def episodes_per_second(self) -> float:
+        return self.episodes / self.seconds if self.seconds else 0.0
+
+
+def build_meta_optimizer(method: MetaLearner, name: str, lr: float, decay_every: int, decay: float):
+    """The outer optimizer of omega and its step decay (per meta-step)."""
+    params = [p for p in method.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr) if name == "adam" else torch.optim.SGD(params, lr=lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=decay_every, gamma=decay)
+    return optimizer, scheduler
+
+
+class MetaTrainer:
+    """Meta-train `method` on tasks from `sampler` until the budget runs out.
+
+    Args:
+        validate: omega -> validation accuracy; the best omega is kept and returned.
+        max_episodes / max_seconds: the budget (whichever comes first).
+        checkpoint_dir: resume from / save to here every `checkpoint_every` episodes.
+        log: receives {"train_loss", "train_accuracy", "val_accuracy", "lr"} per step.
+        progress: "bar" (tqdm), "log" (a line per validation), or "off".
+    """
+
+    def __init__(
+        self, method: MetaLearner, sampler: EpisodeSampler, optimizer: torch.optim.Optimizer, scheduler,
+        *, validate: Callable[[MetaLearner], float], val_every: int, max_episodes: int | None, max_seconds: float | None,
+        checkpoint_dir: Path | None = None, checkpoint_every: int = 500, log: LogFn | None = None,
+        precision: torch.dtype | None = None, grad_clip: float | None = None, progress: str = "log",
+        log_every: int = 10,
+    ) -> None:
+        if max_episodes is None and max_seconds is None:
+            raise ValueError("a budget needs max_episodes or max_seconds")
+        self.method, self.sampler, self.optimizer, self.scheduler = method, sampler, optimizer, scheduler
+        self.validate, self.val_every = validate, val_every
+        self.max_episodes, self.max_seconds = max_episodes, max_seconds
+        self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
+        self.log = log or (lambda metrics, step: None)
+        self.precision, self.grad_clip, self.progress, self.log_every = precision, grad_clip, progress, log_every
+        self.device = next(method.parameters()).device
+        self.episode, self.seconds = 0, 0.0
+        self.best_accuracy, self.best_episode = -1.0, 0
+        self.best_state = copy.deepcopy(method.state_dict())
+        self.history: list[dict[str, float]] = []
+
+    def run(self) -> TrainResult:
+        self._resume()
+        with PeakMemory(self.device) as memory:
+            bar = self._progress_bar()
+            while not self._budget_spent():
+                start = time.perf_counter()
+                stats = self._meta_step()
+                self.seconds += time.perf_counter() - start
+                self.episode += 1
+                metrics = {"train_loss": stats.loss, "train_accuracy": stats.accuracy, "lr": self.scheduler.get_last_lr()[0]}
+                if self.episode % self.val_every == 0 or self._budget_spent():
+                    metrics["val_accuracy"] = self._validate()
+                    self._report(metrics)
+                if self.episode % self.log_every == 0 or "val_accuracy" in metrics:
+                    self.log(metrics, self.episode)
+                    self.history.append({"episode": self.episode, **metrics})
+                if self.checkpoint_dir and (self.episode % self.checkpoint_every == 0 or self._budget_spent()):
+                    self._save()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{stats.loss:.3f}", val=f"{self.best_accuracy:.3f}")
+            if bar is not None:
+                bar.close()
+        self.method.load_state_dict(self.best_state)
+        return TrainResult(self.episode, self.seconds, self.best_accuracy, self.best_episode, memory.peak_mb(), memory.kind, self.history)
+
+    def _meta_step(self):
+        self.method.train()
+        episode = next(self.sampler)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, self.precision):
+            stats = self.method.meta_gradient(episode)
+        if not math.isfinite(stats.loss) or not all(
+            torch.isfinite(p.grad).all() for p in self.method.parameters() if p.grad is not None
+        ):
+            where = f"; last good checkpoint: {self.checkpoint_dir}" if self.checkpoint_dir else ""
+            raise DivergenceError(f"non-finite meta-loss or gradient at episode {self.episode + 1} (loss {stats.loss}){where}")
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return stats
+
+    def _validate(self) -> float:
+        accuracy = self.validate(self.method)
+        if accuracy > self.best_accuracy:
+            self.best_accuracy, self.best_episode = accuracy, self.episode
+            self.best_state = copy.deepcopy(self.method.state_dict())
+        return accuracy
+
+    def _budget_spent(self) -> bool:
+        return (self.max_episodes is not None and self.episode >= self.max_episodes) or (
+            self.max_seconds is not None and self.seconds >= self.max_seconds
+        )
+
+    def _report(self, metrics: dict[str, float]) -> None:
+        if self.progress == "log":
+            rate = self.episode / self.seconds if self.seconds else 0.0
+            remaining = self._remaining_seconds(rate)
+            print(
+                f"episode {self.episode}: loss {metrics['train_loss']:.4f}  val {metrics['val_accuracy']:.4f}"
+                f"  best {self.best_accuracy:.4f}@{self.best_episode}  {rate:.2f} ep/s  ETA {remaining:.0f}s",
+                flush=True,
+            )
+
+    def _remaining_seconds(self, rate: float) -> float:
+        left = []
+        if self.max_seconds is not None:
+            left.append(self.max_seconds - self.seconds)
+        if self.max_episodes is not None and rate > 0:
+            left.append((self.max_episodes - self.episode) / rate)
+        return max(0.0, min(left)) if left else 0.0
+
+    def _progress_bar(self):
+        if self.progress != "bar":
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.max_episodes, initial=self.episode, unit="ep", file=sys.stderr, dynamic_ncols=True)
+
+    def _state(self) -> dict:
+        return {
+            "episode": self.episode,
+            "seconds": self.seconds,
+            "best_accuracy": self.best_accuracy,
+            "best_episode": self.best_episode,
+            "omega": self.method.state_dict(),
+            "best_omega": self.best_state,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": self.history,
+        }
+
+    def _save(self) -> None:
+        save_checkpoint(self._state(), self.checkpoint_dir)
+
+    def _resume(self) -> None:
+        if self.checkpoint_dir is None:
+            return
+        state = load_checkpoint(self.checkpoint_dir)
+        if state is None:
+            return
+        self.method.load_state_dict(state["omega"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.episode, self.seconds = state["episode"], state["seconds"]
+        self.best_accuracy, self.best_episode = state["best_accuracy"], state["best_episode"]
+        self.best_state, self.history = state["best_omega"], state["history"]
+        if self.progress != "off":
+            print(f"resuming from {self.checkpoint_dir} at episode {self.episode}", flush=True)

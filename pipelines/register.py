@@ -1,0 +1,44 @@
+"""Stage `register@<method>`: a new registry version of omega, tagged with its evaluation.
+
+Output: registry/<key>.json (name, version, run id, whether it was promoted).
+The first version is promoted to `production` when none exists and
+`registry.promote_first` is set; later promotions are a person's call
+(`metaflowlib promote`).
+"""
+
+from __future__ import annotations
+
+from _stage import ROOT, method_key, params, run_guarded
+
+from metaflowlib import registry, tracking
+from metaflowlib.io import read_json, write_json
+
+
+def main() -> None:
+    p, key = params(), method_key()
+    mp = p.method(key)
+    train = read_json(ROOT / "runs" / key / "train.json")
+    metrics = read_json(ROOT / "metrics" / key / "eval.json")
+    name = p.registered_name(key)
+    scores = {k: v for k, v in metrics.items() if k.startswith(("acc_", "ci95_"))}
+    shown = ", ".join(f"{k[4:]} {100 * v:.2f}%" for k, v in scores.items() if k.startswith("acc_"))
+    tags = {**scores, "protocol": p.data.name, "method": mp.kind, "method_key": key, "profile": p.profile,
+            "adaptation_ms_per_task": metrics["adaptation_ms_per_task"], "meta_train_seconds": metrics["meta_train_seconds"],
+            "git_commit": tracking.git_commit()}
+    description = (f"{mp.kind} meta-knowledge (omega) trained on {p.data.name} train classes, profile '{p.profile}', "
+                   f"{train['meta_train_episodes']} episodes. Test ({metrics['episodes']} tasks): {shown}.")
+    model_description = mp.description or f"{mp.kind} on {p.data.name}: predict(support_images, support_labels, query_images) -> labels"
+
+    tracking.configure(p.mlflow.tracking_uri)
+    version = registry.register(train["model_uri"], name, train["run_id"], tags, description, model_description)
+    promoted = None
+    if p.registry.promote_first and registry.get_alias(name) is None:
+        promoted = registry.promote(name, version.version, p.registry.gate_metric)
+    write_json(ROOT / "registry" / f"{key}.json", {"name": name, "version": version.version, "run_id": train["run_id"],
+                                                  "model_uri": train["model_uri"], "promoted": promoted is not None})
+    print(f"register@{key}: {name} version {version.version}" + (f"; {promoted}" if promoted else
+          f"; promote with `metaflowlib promote {name} {version.version}`"))
+
+
+if __name__ == "__main__":
+    run_guarded(main)

@@ -1,0 +1,129 @@
+"""Stage `train@<method>`: meta-train omega, log the run to MLflow, save omega and its pyfunc model.
+
+Outputs: models/<key>/ (omega: safetensors + JSON), runs/<key>/train.json
+(run id, model URI, costs), metrics/<key>/train_curve.csv. An interrupted run
+resumes from checkpoints/<key>/ into the same MLflow run when the params match.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import sys
+
+from _stage import PREPARED, ROOT, method_key, params, run_guarded
+
+import torch
+
+from metaflowlib import tracking
+from metaflowlib.artifacts import save_meta_knowledge
+from metaflowlib.config import Params
+from metaflowlib.data.store import load_info, load_pool
+from metaflowlib.episodes import EpisodeSampler
+from metaflowlib.evaluate import embed_pool, evaluate_setting
+from metaflowlib.io import atomic_path, write_json
+from metaflowlib.methods import build_method
+from metaflowlib.runtime import resolve_device, resolve_precision, seed_everything
+from metaflowlib.serving.log import log_pyfunc_model
+from metaflowlib.train import MetaTrainer, build_meta_optimizer
+
+
+def validator(pool, p: Params, dtype):
+    """omega -> accuracy on fixed validation tasks (the same tasks at every validation)."""
+    v = p.train.validation
+
+    def validate(method) -> float:
+        method.eval()
+        features = embed_pool(method, pool, dtype) if method.per_example_features else None
+        return evaluate_setting(method, pool, features, v.ways, v.shots, v.queries, v.episodes, p.seed + 1, 50, dtype).accuracy
+
+    return validate
+
+
+def fingerprint(p: Params, key: str) -> str:
+    """Identifies what a checkpoint was trained for: resuming under other params starts afresh."""
+    relevant = {"method": p.method(key).model_dump(mode="json"), "data": p.data.model_dump(mode="json"),
+                "seed": p.seed, "profile": p.profile, "train": p.train.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def main() -> None:
+    import mlflow
+
+    p, key = params(), method_key()
+    mp = p.method(key)
+    budget = p.budget(key)
+    device = resolve_device(p.device)
+    dtype = resolve_precision(p.train.precision, device)
+    seed_everything(p.seed)
+
+    info = load_info(PREPARED)
+    train_pool = load_pool(PREPARED, "train", p.data.image_size, device)
+    val_pool = load_pool(PREPARED, "val", p.data.image_size, device)
+    sampler = EpisodeSampler(train_pool, mp.ways, mp.shots, mp.queries, mp.tasks_per_step, seed=p.seed)
+    method = build_method(mp.kind, **mp.model_config_dict()).to(device)
+    if p.train.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    optimizer, scheduler = build_meta_optimizer(method, **mp.meta_optimizer.model_dump(exclude={"grad_clip"}))
+
+    checkpoints = ROOT / "checkpoints" / key
+    run_id = resume_run_id(checkpoints, fingerprint(p, key))
+    tracking.configure(p.mlflow.tracking_uri)
+    experiment = tracking.experiment_id(p.experiment, str(ROOT / p.mlflow.artifact_location))
+    tags = {"method": mp.kind, "method_key": key, "stage": f"train@{key}", "profile": p.profile,
+            "dataset": p.data.name, "data_digest": hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16],
+            **tracking.system_tags(device)}
+    progress = p.train.progress if p.train.progress != "auto" else ("bar" if sys.stderr.isatty() else "log")
+    with mlflow.start_run(run_id=run_id, experiment_id=experiment, run_name=key, tags=tags) as run:
+        if run_id is None:
+            mlflow.log_params(tracking.flatten_params({"method": mp.model_dump(mode="json"), "data": p.data.model_dump(mode="json"),
+                                                        "train": p.train.model_dump(mode="json"), "seed": p.seed, "profile": p.profile,
+                                                        "budget": budget.model_dump(mode="json")}))
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        (checkpoints / "mlflow_run_id").write_text(run.info.run_id)
+        (checkpoints / "fingerprint").write_text(fingerprint(p, key))
+        trainer = MetaTrainer(
+            method, sampler, optimizer, scheduler, validate=validator(val_pool, p, dtype), val_every=p.train.val_every,
+            max_episodes=budget.episodes, max_seconds=budget.seconds, checkpoint_dir=checkpoints / "state",
+            checkpoint_every=p.train.checkpoint_every, log=tracking.MetricLogger(run.info.run_id), precision=dtype,
+            grad_clip=mp.meta_optimizer.grad_clip, progress=progress,
+        )
+        result = trainer.run()
+        costs = {"meta_train_seconds": result.seconds, "meta_train_episodes": result.episodes,
+                 "episodes_per_second": result.episodes_per_second, "peak_memory_mb": result.peak_memory_mb,
+                 "best_val_accuracy": result.best_val_accuracy, "best_episode": result.best_episode,
+                 "meta_parameters": sum(t.numel() for t in method.parameters())}
+        mlflow.log_metrics(costs)
+        mlflow.set_tag("memory_kind", result.memory_kind)
+        omega_dir = save_meta_knowledge(method, ROOT / "models" / key, extra={
+            "image_size": p.data.image_size, "method_key": key, "dataset": p.data.name, "run_id": run.info.run_id})
+        model_uri = log_pyfunc_model(omega_dir)
+        write_curve(ROOT / "metrics" / key / "train_curve.csv", result.history)
+        write_json(ROOT / "runs" / key / "train.json", {"run_id": run.info.run_id, "experiment_id": experiment,
+                                                        "model_uri": model_uri, "memory_kind": result.memory_kind, **costs})
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    print(f"train@{key}: {result.episodes} episodes in {result.seconds:.0f}s ({result.episodes_per_second:.2f} ep/s), "
+          f"best val {result.best_val_accuracy:.4f}; omega in models/{key}/, MLflow run {run.info.run_id}")
+
+
+def resume_run_id(checkpoints, expected: str) -> str | None:
+    """The MLflow run of a matching interrupted run, or None (and a clean slate) otherwise."""
+    marker, run_file = checkpoints / "fingerprint", checkpoints / "mlflow_run_id"
+    if marker.is_file() and run_file.is_file() and marker.read_text() == expected:
+        return run_file.read_text().strip()
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return None
+
+
+def write_curve(path, history: list[dict]) -> None:
+    fields = ["episode", "train_loss", "train_accuracy", "val_accuracy", "lr"]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+
+
+if __name__ == "__main__":
+    run_guarded(main)
