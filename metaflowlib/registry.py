@@ -95,7 +95,13 @@ def list_models() -> list[dict[str, Any]]:
     out = []
     for model in client.search_registered_models():
         versions = sorted(client.search_model_versions(f"name='{model.name}'"), key=lambda v: int(v.version))
-        out.append({"name": model.name, "description": model.description or "", "versions": [_info(v) for v in versions]})
+        aliases = getattr(client.get_registered_model(model.name), "aliases", {}) or {}
+        infos = []
+        for v in versions:
+            info = _info(v)
+            named = sorted(a for a, number in aliases.items() if str(number) == info.version)
+            infos.append(VersionInfo(info.name, info.version, info.run_id, named, info.tags, info.description))
+        out.append({"name": model.name, "description": model.description or "", "versions": infos})
     return out
 
 

@@ -21,6 +21,7 @@ QUIET_ENV = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",  # an unreachable server fails now, not after minutes of retries
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
 }
 
 

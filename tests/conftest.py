@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny synthetic data, a throwaway MLflow store, the real data when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+def class_images(classes: int, per_class: int, size: int = 28, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (255 = paper) where each class is a distinct stroke pattern plus noise."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for c in range(classes):
+        template = np.full((size, size), 255, dtype=np.uint8)
+        row, col = rng.integers(2, size - 8, size=2)
+        template[row : row + 6, :] = 0 if c % 2 == 0 else 255
+        template[:, col : col + 6] = 0
+        for _ in range(per_class):
+            noisy = template.copy()
+            flips = rng.random((size, size)) < 0.05
+            noisy[flips] = 255 - noisy[flips]
+            images.append(noisy)
+            labels.append(c)
+    return np.stack(images), np.asarray(labels)
+
+
+@pytest.fixture
+def tiny_pool():
+    """A TaskPool of 12 separable classes x 10 examples, model-ready."""
+    from metaflowlib.data.preprocess import to_model_input
+    from metaflowlib.episodes import TaskPool
+
+    images, labels = class_images(12, 10)
+    return TaskPool(to_model_input(images, 28), torch.from_numpy(labels), name="tiny")
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A throwaway SQLite MLflow store as the active tracking URI."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "omniglot" / "images_background.npz").exists():
+        pytest.skip("real Omniglot data not found at ../shared/data")
+    return SHARED_DATA

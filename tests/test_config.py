@@ -1,0 +1,92 @@
+import copy
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from metaflowlib.config import load_params, parse_params
+from metaflowlib.errors import ConfigError
+
+from conftest import ROOT
+
+SHIPPED = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def with_change(path: str, value):
+    data = copy.deepcopy(SHIPPED)
+    *parents, leaf = path.split(".")
+    node = data
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+    return data
+
+
+def test_shipped_params_are_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert params.methods["protonet"].kind == "protonet"
+    assert params.settings() == {"5w1s": (5, 1), "5w5s": (5, 5), "20w1s": (20, 1), "20w5s": (20, 5)}
+    assert params.budget("protonet").seconds == 480
+    assert params.registered_name("protonet") == "omniglot-vinyals-protonet"
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("data.protocl", "vinyals", "data.protocl: Extra inputs are not permitted"),
+    ("methods.protonet.meta_optimizer.lr", -0.1, "methods.protonet.meta_optimizer.lr: Input should be greater than 0 (got -0.1)"),
+    ("methods.protonet.ways", "sixty", "methods.protonet.ways: Input should be a valid integer"),
+    ("methods.protonet.kind", "protonut", "does not match any of the expected tags"),
+    ("methods.protonet.ways", 5000, "methods.protonet: 5000 ways exceed the 4112 classes of the vinyals train split"),
+    ("methods.protonet.queries", 16, "methods.protonet: shots + queries = 21 exceeds the 20 examples per Omniglot class"),
+    ("evaluate.settings", ["5w1s", "five"], "evaluate.settings.1: String should match pattern"),
+    ("profile", "huge", "profile: Input should be 'default' or 'full'"),
+    ("registry.gate_metric", "loss", "registry.gate_metric"),
+])
+def test_bad_values_name_field_and_value(path, value, message):
+    with pytest.raises(ConfigError) as error:
+        parse_params(with_change(path, value))
+    assert message in str(error.value)
+
+
+def test_all_errors_are_reported_at_once():
+    data = with_change("seed", "x")
+    data["train"]["val_every"] = 0
+    with pytest.raises(ConfigError, match="2 invalid value") as error:
+        parse_params(data)
+    assert "seed" in str(error.value) and "train.val_every" in str(error.value)
+
+
+def test_missing_or_malformed_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("methods: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_params(tmp_path / "list.yaml")
+
+
+LEAVES = ["seed", "profile", "device", "data.image_size", "methods.protonet.ways", "methods.protonet.shots",
+          "methods.protonet.meta_optimizer.lr", "train.val_every", "evaluate.episodes", "evaluate.queries"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(path=st.sampled_from(LEAVES), value=st.one_of(st.text(max_size=5), st.floats(allow_nan=True), st.integers(-10**6, -1), st.none(), st.lists(st.integers(), max_size=2)))
+def test_random_wrong_values_fail_cleanly(path, value):
+    """Every value either validates or raises ConfigError naming the field: never another exception."""
+    try:
+        parse_params(with_change(path, value))
+    except ConfigError as error:
+        assert path.split(".")[-1] in str(error) or "methods.protonet" in str(error)
+
+
+@settings(max_examples=40, deadline=None)
+@given(key=st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12))
+def test_unknown_top_level_keys_are_refused(key):
+    if key in SHIPPED:
+        return
+    data = copy.deepcopy(SHIPPED)
+    data[key] = 1
+    with pytest.raises(ConfigError, match=f"{key}: Extra inputs are not permitted"):
+        parse_params(data)

@@ -1,0 +1,86 @@
+import mlflow
+import numpy as np
+import pytest
+
+from metaflowlib import registry
+from metaflowlib.artifacts import save_meta_knowledge
+from metaflowlib.cli import main as cli
+from metaflowlib.errors import RegistryError
+from metaflowlib.methods import ProtoNet
+from metaflowlib.serving.log import log_pyfunc_model
+
+from conftest import ROOT
+
+NAME = "toy-protonet"
+
+
+def new_version(tmp_path, acc: float, protocol: str = "toy") -> str:
+    omega = save_meta_knowledge(ProtoNet(hidden=4), tmp_path / f"omega{acc}", {"image_size": 28})
+    with mlflow.start_run() as run:
+        uri = log_pyfunc_model(omega)
+    return registry.register(uri, NAME, run.info.run_id, {"acc_5w1s": acc, "protocol": protocol}, f"acc {acc}", "toy").version
+
+
+def test_gate_force_rollback_and_production_loading(tmp_path, mlflow_store, capsys):
+    v1 = new_version(tmp_path, 0.90)
+    with pytest.raises(RegistryError, match="no 'production' version; promote one with"):
+        registry.load_production(NAME)
+    assert "to production" in registry.promote(NAME, v1, "acc_5w1s")
+
+    v2 = new_version(tmp_path, 0.85)
+    with pytest.raises(RegistryError, match=r"acc_5w1s 0.8500 does not beat production v1's 0.9000 \(use --force"):
+        registry.promote(NAME, v2, "acc_5w1s")
+    assert registry.get_alias(NAME).version == v1
+
+    v3 = new_version(tmp_path, 0.95)
+    message = registry.promote(NAME, v3, "acc_5w1s")
+    assert "promoted toy-protonet v3 (acc_5w1s 0.9500)" in message and "previous: v1" in message
+    assert "(forced)" in registry.promote(NAME, v2, "acc_5w1s", force=True)
+    assert registry.rollback(NAME) == "rolled toy-protonet production back from v2 to v3"
+    assert registry.rollback(NAME) == "rolled toy-protonet production back from v3 to v1"
+    with pytest.raises(RegistryError, match="no previous production"):
+        registry.rollback(NAME)
+
+    model = registry.load_production(NAME)
+    images = np.full((4, 28, 28), 255, np.uint8)
+    images[0, :10] = images[2, :10] = 0
+    out = model.predict({"support_images": images[:2], "support_labels": np.array([0, 1]), "query_images": images[2:]})
+    assert out["labels"].tolist() == [0, 1]
+
+    v4 = new_version(tmp_path, 0.99, protocol="other")
+    with pytest.raises(RegistryError, match="protocol 'other' differs"):
+        registry.promote(NAME, v4, "acc_5w1s")
+
+
+def test_unknown_model_version_and_broken_artifacts(tmp_path, mlflow_store):
+    with pytest.raises(RegistryError, match="no registered model named 'ghost'"):
+        registry.get_version("ghost", 1)
+    v1 = new_version(tmp_path, 0.5)
+    with pytest.raises(RegistryError, match="has no version 7"):
+        registry.promote(NAME, 7, "acc_5w1s")
+    # a version whose weights are not loadable never becomes production
+    source = mlflow.MlflowClient().get_model_version(NAME, v1).source
+    local = mlflow.artifacts.download_artifacts(source)
+    for weights in __import__("pathlib").Path(local).rglob("model.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    store_root = tmp_path / "mlruns"
+    for weights in store_root.rglob("model.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    with pytest.raises(RegistryError, match="failed its load check, production not moved"):
+        registry.promote(NAME, v1, "acc_5w1s")
+    assert registry.get_alias(NAME) is None
+
+
+def test_cli_promote_refusal_is_one_line_and_exit_2(tmp_path, mlflow_store, capsys):
+    v1 = new_version(tmp_path, 0.9)
+    v2 = new_version(tmp_path, 0.8)
+    params = str(ROOT / "params.yaml")
+    cli(["--params", params, "promote", NAME, v1])
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["--params", params, "promote", NAME, v2])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: refusing to promote toy-protonet v2: acc_5w1s 0.8000 does not beat") and "Traceback" not in err
+    cli(["--params", params, "models", "list"])
+    out = capsys.readouterr().out
+    assert "v1 [production]  acc_5w1s 0.9000" in out and "v2  acc_5w1s 0.8000" in out

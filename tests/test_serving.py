@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+import torch
+
+from metaflowlib.errors import PayloadError
+from metaflowlib.methods import ProtoNet
+from metaflowlib.serving.contract import predict_task, validate_payload
+
+from conftest import class_images
+
+
+def payload(**changes):
+    images, labels = class_images(3, 4)
+    support = np.concatenate([images[labels == c][:2] for c in range(3)])
+    query = np.concatenate([images[labels == c][2:] for c in range(3)])
+    data = {"support_images": support, "support_labels": np.repeat(np.arange(3), 2), "query_images": query}
+    data.update(changes)
+    return data
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"support_images": np.zeros((6, 28, 28), np.float32)}, "support_images must be uint8"),
+    ({"query_images": np.zeros((6, 28), np.uint8)}, r"query_images must have shape \[count, height, width\]"),
+    ({"support_images": np.zeros((0, 28, 28), np.uint8)}, "no empty axis"),
+    ({"support_labels": np.arange(7) % 3}, r"support_labels must have shape \[6\]"),
+    ({"support_labels": np.array([0, 0, 1, 1, 3, 3])}, "every class 0..N-1"),
+    ({"support_labels": np.zeros(6, int)}, "N >= 2"),
+    ({"support_labels": np.array([0.0, 0, 1, 1, 2, 2])}, "must be integers"),
+    ({"query_images": np.zeros((20001, 2, 2), np.uint8)}, "too large"),
+    ({"extra": 1}, "unknown keys"),
+])
+def test_malformed_payloads_get_one_clear_error(changes, message):
+    with pytest.raises(PayloadError, match=message):
+        validate_payload(payload(**changes))
+
+
+def test_missing_keys_and_non_dict():
+    with pytest.raises(PayloadError, match="missing"):
+        validate_payload({"support_images": np.zeros((1, 2, 2), np.uint8)})
+    with pytest.raises(PayloadError, match="must be a dict"):
+        validate_payload([1, 2])
+
+
+def test_predict_task_labels_new_classes_from_the_support_set():
+    torch.manual_seed(0)
+    method = ProtoNet(hidden=16).eval()
+    out = predict_task(method, payload(), image_size=28, device=torch.device("cpu"))
+    assert out["labels"].shape == (6,) and out["probabilities"].shape == (6, 3)
+    assert np.allclose(out["probabilities"].sum(1), 1, atol=1e-5)
+    assert (out["labels"] == np.repeat(np.arange(3), 2)).mean() >= 5 / 6  # separable classes, even untrained
+
+
+def test_any_image_size_is_resized_by_the_model():
+    big = payload()
+    big = {k: (np.kron(v, np.ones((1, 2, 2), np.uint8)) if k.endswith("images") else v) for k, v in big.items()}
+    out = predict_task(ProtoNet(hidden=8).eval(), big, image_size=28, device=torch.device("cpu"))
+    assert out["labels"].shape == (6,)

@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from metaflowlib.episodes import EpisodeSampler
+from metaflowlib.errors import DivergenceError
+from metaflowlib.methods import ProtoNet
+from metaflowlib.train import MetaTrainer, build_meta_optimizer
+
+
+def make_trainer(pool, *, episodes, checkpoint_dir=None, checkpoint_every=100, validate=None, seed=0):
+    torch.manual_seed(seed)
+    method = ProtoNet(hidden=8)
+    optimizer, scheduler = build_meta_optimizer(method, "adam", 1e-2, 3, 0.5)
+    sampler = EpisodeSampler(pool, 5, 1, 2, tasks=2, seed=seed)
+    validate = validate or (lambda m: float(-sum(p.detach().abs().sum() for p in m.parameters())))
+    return MetaTrainer(method, sampler, optimizer, scheduler, validate=validate, val_every=2, max_episodes=episodes,
+                       max_seconds=None, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, progress="off")
+
+
+def test_budget_logging_and_lr_decay(tiny_pool):
+    logged = []
+    trainer = make_trainer(tiny_pool, episodes=7)
+    trainer.log = lambda metrics, step: logged.append((step, metrics))
+    trainer.log_every = 1
+    result = trainer.run()
+    assert result.episodes == 7 and len(logged) == 7
+    assert [s for s, m in logged if "val_accuracy" in m] == [2, 4, 6, 7]
+    assert logged[-1][1]["lr"] == pytest.approx(1e-2 * 0.5**2)  # StepLR halves every 3 meta-steps
+    assert result.peak_memory_mb > 0 and result.seconds > 0
+
+
+def test_best_omega_on_validation_is_returned(tiny_pool):
+    scores = iter([0.1, 0.9, 0.2, 0.3])
+    snapshots = {}
+
+    def validate(method):
+        score = next(scores)
+        snapshots[score] = {k: v.clone() for k, v in method.state_dict().items()}
+        return score
+
+    trainer = make_trainer(tiny_pool, episodes=8, validate=validate)
+    result = trainer.run()
+    assert result.best_val_accuracy == 0.9 and result.best_episode == 4
+    for key, value in trainer.method.state_dict().items():
+        assert torch.equal(value, snapshots[0.9][key]), key
+
+
+def test_resumed_run_ends_bitwise_equal_to_uninterrupted(tiny_pool, tmp_path):
+    straight = make_trainer(tiny_pool, episodes=8)
+    straight.run()
+
+    interrupted = make_trainer(tiny_pool, episodes=5, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=5)
+    interrupted.run()
+    resumed = make_trainer(tiny_pool, episodes=8, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=5, seed=123)
+    result = resumed.run()
+    assert result.episodes == 8
+    for key, value in straight.method.state_dict().items():
+        assert torch.equal(value, resumed.method.state_dict()[key]), key
+
+
+def test_non_finite_loss_stops_with_the_step(tiny_pool, tmp_path):
+    trainer = make_trainer(tiny_pool, episodes=5, checkpoint_dir=tmp_path / "ckpt")
+    with torch.no_grad():
+        trainer.method.embedding.blocks[0].weight.fill_(float("nan"))
+    with pytest.raises(DivergenceError, match=r"episode 1 .*last good checkpoint"):
+        trainer.run()
+
+
+def test_budget_is_required(tiny_pool):
+    method = ProtoNet(hidden=4)
+    optimizer, scheduler = build_meta_optimizer(method, "sgd", 0.1, 10, 1.0)
+    with pytest.raises(ValueError, match="budget"):
+        MetaTrainer(method, EpisodeSampler(tiny_pool, 2, 1, 1), optimizer, scheduler, validate=lambda m: 0.0,
+                    val_every=1, max_episodes=None, max_seconds=None)
