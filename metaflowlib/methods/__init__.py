@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from metaflowlib.methods.base import MetaLearner, StepStats
+from metaflowlib.methods.imaml import IMAML
+from metaflowlib.methods.maml import FOMAML, MAML
 from metaflowlib.methods.protonet import ProtoNet
+from metaflowlib.methods.reptile import Reptile
 
-METHODS: dict[str, type[MetaLearner]] = {cls.kind: cls for cls in (ProtoNet,)}
+METHODS: dict[str, type[MetaLearner]] = {cls.kind: cls for cls in (ProtoNet, MAML, FOMAML, Reptile, IMAML)}
 
 
 def build_method(kind: str, **config) -> MetaLearner:
@@ -17,4 +20,4 @@ def build_method(kind: str, **config) -> MetaLearner:
     return cls(**config)
 
 
-__all__ = ["METHODS", "MetaLearner", "StepStats", "build_method", "ProtoNet"]
+__all__ = ["METHODS", "MetaLearner", "StepStats", "build_method", "ProtoNet", "MAML", "FOMAML", "Reptile", "IMAML"]

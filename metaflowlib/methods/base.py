@@ -94,8 +94,10 @@ class MetaLearner(nn.Module, ABC):
 
 
 def query_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean over tasks and queries of -log p(y | x)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+    """Mean over tasks and queries of -log p(y | x); half-precision logits are upcast, float64 kept."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> float:

@@ -1,0 +1,184 @@
+"""Peak memory and time per meta-step of MAML, FOMAML, Reptile and iMAML against the number of inner steps.
+
+    python bench/maml_memory.py --device cpu --out /tmp/maml_bench
+    python bench/maml_memory.py --device cuda --out /tmp/maml_bench     # meta-batch 32
+
+Conv-4 (64 channels), 5-way 1-shot 15-query, random 28x28 images (memory and
+time do not depend on pixel values). One meta-step = `meta_gradient` + the outer
+optimizer step. Every configuration runs in a fresh subprocess, so no peak,
+allocator cache or warm-up leaks from one into the next. Peak memory is the
+increase over the state just before the first meta-step (model, optimizer,
+episode already resident):
+- CUDA: torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated() (tensors only).
+- CPU:  resource.getrusage(RUSAGE_SELF).ru_maxrss delta (peak resident set size of the
+        process, KiB on Linux): what the OS had to provide, allocator slack included.
+Writes results.json (device, torch version, every number) and memory.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from metaflowlib.episodes import Episode  # noqa: E402
+from metaflowlib.methods import build_method  # noqa: E402
+
+METHOD_KINDS = ("maml", "fomaml", "reptile", "imaml")
+INNER_STEPS = (1, 2, 5, 10, 20)
+WAYS, SHOTS, QUERIES, SIDE = 5, 1, 15, 28
+
+
+def random_episode(tasks: int, device: torch.device, seed: int = 0) -> Episode:
+    g = torch.Generator().manual_seed(seed)
+    labels = lambda k: torch.arange(WAYS).repeat_interleave(k).expand(tasks, -1).to(device)  # noqa: E731
+    return Episode(
+        support_x=torch.randn(tasks, WAYS * SHOTS, 1, SIDE, SIDE, generator=g).to(device),
+        support_y=labels(SHOTS),
+        query_x=torch.randn(tasks, WAYS * QUERIES, 1, SIDE, SIDE, generator=g).to(device),
+        query_y=labels(QUERIES),
+        ways=WAYS,
+    )
+
+
+def measure(kind: str, inner_steps: int, vectorize: str, tasks: int, device: str, repeats: int) -> dict:
+    """One configuration, in this (fresh) process: peak bytes over the baseline, seconds per meta-step."""
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    method = build_method(kind, ways=WAYS, image_size=SIDE, inner_steps=inner_steps, vectorize=vectorize).to(dev)
+    # Reptile's formula needs plain SGD with lr = beta; the others take any optimizer (Adam, as in the papers)
+    params = method.parameters()
+    optimizer = torch.optim.SGD(params, lr=1.0) if kind == "reptile" else torch.optim.Adam(params)
+    episode = random_episode(tasks, dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def meta_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        method.meta_gradient(episode)
+        optimizer.step()
+
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        baseline = torch.cuda.memory_allocated(dev)
+    else:
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    meta_step()  # warm-up: allocator caches, Adam state, vmap tracing
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        meta_step()
+    sync()
+    seconds = (time.perf_counter() - start) / repeats
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev) - baseline
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    return {
+        "method": kind, "inner_steps": inner_steps, "vectorize": vectorize,
+        "peak_bytes": int(peak), "seconds_per_step": seconds,
+    }
+
+
+def run_fresh(config: dict, threads: int | None) -> dict:
+    """`measure` in a new interpreter (this script with --worker)."""
+    command = [sys.executable, __file__, "--worker", json.dumps(config)]
+    if threads:
+        command += ["--threads", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"configuration {config} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def plot(runs: list[dict], path: Path, title: str) -> None:
+    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for kind in METHOD_KINDS:
+        rows = sorted((r for r in runs if r["method"] == kind), key=lambda r: r["inner_steps"])
+        steps = [r["inner_steps"] for r in rows]
+        ax_mem.plot(steps, [r["peak_bytes"] / 2**20 for r in rows], marker="o", label=kind)
+        ax_time.plot(steps, [r["seconds_per_step"] * 1e3 for r in rows], marker="o", label=kind)
+    for ax, label in ((ax_mem, "peak memory per meta-step (MiB)"), (ax_time, "time per meta-step (ms)")):
+        ax.set_xscale("log")
+        ax.set_xticks(INNER_STEPS, [str(s) for s in INNER_STEPS])
+        ax.set_xlabel("inner steps")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, required="--worker" not in sys.argv)
+    parser.add_argument("--tasks", type=int, help="meta-batch size (default: 32 on CUDA, 4 on CPU)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed meta-steps after one warm-up step")
+    parser.add_argument("--inner-steps", type=int, nargs="+", default=list(INNER_STEPS))
+    parser.add_argument("--methods", nargs="+", default=list(METHOD_KINDS), choices=METHOD_KINDS)
+    parser.add_argument("--ratio-steps", type=int, default=5, help="inner steps of the MAML vmap-vs-loop comparison")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps(measure(**json.loads(args.worker))))
+        return
+
+    tasks = args.tasks or (32 if args.device.startswith("cuda") else 4)
+    base = {"tasks": tasks, "device": args.device, "repeats": args.repeats}
+    runs = []
+    for kind in args.methods:
+        for steps in args.inner_steps:
+            runs.append(run_fresh({**base, "kind": kind, "inner_steps": steps, "vectorize": "auto"}, args.threads))
+            print(json.dumps(runs[-1]), flush=True)
+    vmap, loop = (
+        run_fresh({**base, "kind": "maml", "inner_steps": args.ratio_steps, "vectorize": v}, args.threads)
+        for v in ("vmap", "loop")
+    )
+    ratio = {
+        "method": "maml", "inner_steps": args.ratio_steps, "vmap": vmap, "loop": loop,
+        "time_ratio_vmap_over_loop": vmap["seconds_per_step"] / loop["seconds_per_step"],
+        "memory_ratio_vmap_over_loop": vmap["peak_bytes"] / max(loop["peak_bytes"], 1),
+    }
+    print(json.dumps(ratio), flush=True)
+    name = device_name(args.device)
+    results = {
+        "device": name, "device_type": torch.device(args.device).type, "torch": torch.__version__,
+        "threads": args.threads or torch.get_num_threads(),
+        "memory_measure": "torch.cuda.max_memory_allocated delta" if args.device.startswith("cuda")
+        else "ru_maxrss delta in a fresh subprocess (peak RSS, allocator slack included)",
+        "shape": {"ways": WAYS, "shots": SHOTS, "queries": QUERIES, "image_size": SIDE, "hidden": 64, "tasks": tasks},
+        "repeats": args.repeats, "runs": runs, "vmap_vs_loop": ratio,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    plot(runs, args.out / "memory.png", f"Conv-4 5-way 1-shot, {tasks} tasks per meta-step, {name}")
+    print(f"wrote {args.out / 'results.json'} and {args.out / 'memory.png'}")
+
+
+if __name__ == "__main__":
+    main()

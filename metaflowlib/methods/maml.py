@@ -1,0 +1,68 @@
+"""Model-Agnostic Meta-Learning (Finn, Abbeel & Levine, ICML 2017), and its first-order variant.
+
+omega   = theta, the initialization of Conv-4 + linear head.
+theta_i = theta - alpha * grad L(theta, D_i^t), repeated k times (eq. 1; Algorithm 2).
+Outer:    theta <- theta - beta * grad_theta sum_i L(theta_i(theta), D_i^v) (eq. 2-3); the
+          gradient passes through the inner steps (Hessian-vector products), or skips them
+          with first_order=True (FOMAML, sec. 5.2).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from metaflowlib.methods.inner_loop import InitializationLearner, Params, Vectorize
+
+
+class MAML(InitializationLearner):
+    """MAML: the base `meta_gradient` backpropagates the query loss through `adapt`.
+
+    Args (besides InitializationLearner's):
+        inner_steps: 1 and inner_steps_eval: 3 with inner_lr (alpha) 0.4 are the paper's
+            5-way Omniglot settings (sec. 5.2).
+        first_order: drop the second-order terms (FOMAML).
+
+    Example:
+        >>> maml = MAML(ways=5, inner_steps=1)
+        >>> stats = maml.meta_gradient(episode)  # .grad on maml.parameters(); step any torch optimizer (lr = beta)
+    """
+
+    kind = "maml"
+
+    def __init__(
+        self,
+        ways: int = 5,
+        in_channels: int = 1,
+        hidden: int = 64,
+        image_size: int = 28,
+        inner_steps: int = 1,
+        inner_steps_eval: int = 3,
+        inner_lr: float = 0.4,
+        first_order: bool = False,
+        vectorize: Vectorize = "auto",
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__(
+            ways=ways, in_channels=in_channels, hidden=hidden, image_size=image_size,
+            inner_steps=inner_steps, inner_steps_eval=inner_steps_eval, inner_lr=inner_lr,
+            vectorize=vectorize, chunk_size=chunk_size, first_order=first_order,
+        )
+        self.first_order = first_order
+
+    def adapt(self, support_x: Tensor, support_y: Tensor, ways: int) -> Params:
+        """theta_i [T, ...] for each task; differentiable w.r.t. theta when autograd is on."""
+        self.check_ways(ways)
+        return self.fine_tune(self.theta(), support_x, support_y, self.adaptation_steps(), first_order=self.first_order)
+
+
+class FOMAML(MAML):
+    """First-order MAML: the same inner loop, outer gradient = sum_i grad L(theta_i, D_i^v) at theta_i."""
+
+    kind = "fomaml"
+
+    def __init__(self, first_order: bool = True, **config: Any) -> None:
+        if not first_order:
+            raise ValueError("kind 'fomaml' is first-order by definition; use kind 'maml' for second-order MAML")
+        super().__init__(first_order=True, **config)
