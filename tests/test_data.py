@@ -170,3 +170,36 @@ def test_preprocessing_inverts_and_resizes():
     assert resize_uint8(images, 28).shape == (2, 28, 28)
     with pytest.raises(TypeError, match="uint8"):
         to_model_input(images.astype(np.float32), 28)
+
+
+def test_official_download_is_verified(tmp_path, monkeypatch):
+    """No network in tests: urlopen serves local zips; the decoded content must match the pinned SHA-256."""
+    import io
+    import urllib.request
+
+    from metaflowlib.data import omniglot
+
+    mirror = load_omniglot(write_mirror(tmp_path / "mirror"), tmp_path / "cache", verify=False)
+    folders = tmp_path / "official"
+    served = {}
+    for s in mirror:
+        write_folder(folders, s.name, s.images)
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            for png in sorted((folders / f"images_{s.name}").rglob("*.png")):
+                archive.write(png, png.relative_to(folders))
+        served[omniglot.DOWNLOAD_URL.format(set=s.name)] = buffer.getvalue()
+    requested = []
+
+    def fake_urlopen(url, timeout):
+        requested.append(url)
+        return io.BytesIO(served[url])
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    with pytest.raises(DataError, match="do not match the official data"):
+        load_omniglot(None, tmp_path / "downloads")
+    assert requested == [omniglot.DOWNLOAD_URL.format(set="background")]
+    assert (tmp_path / "downloads" / "images_background.zip").is_file()  # kept, re-verified next time
+    monkeypatch.setattr(omniglot, "IMAGES_SHA256", {s.name: __import__("hashlib").sha256(s.images.tobytes()).hexdigest() for s in mirror})
+    sets = load_omniglot(None, tmp_path / "downloads")
+    assert [s.images.shape[0] for s in sets] == [7, 4]

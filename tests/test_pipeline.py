@@ -37,6 +37,8 @@ def project(tmp_path_factory, shared_data):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    identity = ["-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(["git", *identity, "commit", "-qm", "project"], cwd=root, check=True)
     return root, env
 
 
@@ -81,3 +83,14 @@ def test_dvc_repro_trains_evaluates_registers_and_serves(project):
         total += 25
     assert correct / total > 0.6  # chance is 0.2
     mlflow.set_tracking_uri(None)
+
+
+def test_dvc_exp_run_sweeps_a_param(project):
+    """An experiment over an evaluation param reruns evaluate/register only, and MLflow sees a new version."""
+    root, env = project
+    result = dvc(root, env, "exp", "run", "-S", "evaluate.timing_tasks=4")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Running stage 'evaluate@protonet'" in result.stdout and "Running stage 'train@protonet'" not in result.stdout
+    assert "omniglot-vinyals-protonet version 2" in result.stdout
+    shown = dvc(root, env, "exp", "show", "--csv")
+    assert shown.returncode == 0 and "evaluate.timing_tasks" in shown.stdout

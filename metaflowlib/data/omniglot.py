@@ -121,7 +121,8 @@ def _decode_pngs(entries: dict[str, bytes], origin: str, set_name: str) -> Omnig
         if not match:
             continue
         key = (match["alphabet"], int(match["k"]))
-        image = np.array(Image.open(io.BytesIO(data)).convert("1"), dtype=bool)
+        # compare, don't cast: PIL's mode-"1" arrays can hold 255 for True, which breaks byte digests
+        image = np.asarray(Image.open(io.BytesIO(data)).convert("L")) > 127
         by_character.setdefault(key, {})[int(match["drawer"])] = image
     if not by_character:
         raise DataError(f"{origin}: no '<alphabet>/character<k>/<id>_<drawer>.png' files found")

@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 
 import metaflowlib
-from metaflowlib.serving import pyfunc_model
+
+# the models-from-code entry point, passed by path: importing it would run set_model here
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 
 def signature():
@@ -40,7 +42,7 @@ def log_pyfunc_model(omega_dir: str | Path, name: str = "model") -> str:
 
     info = mlflow.pyfunc.log_model(
         name=name,
-        python_model=pyfunc_model.__file__,
+        python_model=str(MODEL_CODE),
         artifacts={"meta_knowledge": str(omega_dir)},
         signature=signature(),
         input_example=example_payload(),
