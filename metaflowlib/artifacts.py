@@ -14,62 +14,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from metaflowlib import __version__
 from metaflowlib.errors import DataError
-from metaflowlib.io import atomic_path
+from metaflowlib.io import CONFIG_FILE, WEIGHTS_FILE, atomic_path, load_tensors, read_tensor_dir, write_tensor_dir
 from metaflowlib.methods import METHODS, MetaLearner, build_method
 
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
-
-
 def save_meta_knowledge(method: MetaLearner, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write omega; `extra` carries what serving needs (image size, inner-loop settings, lineage)."""
-    directory = Path(directory)
-    state = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
-    with atomic_path(directory, is_dir=True) as tmp:
-        tmp.mkdir()
-        save_file(state, str(tmp / WEIGHTS))
-        config = {"kind": method.kind, "config": method.config(), "extra": extra or {}, "metaflowlib": __version__}
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return directory
-
-
-def read_config(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / CONFIG
-    if not path.is_file():
-        raise DataError(f"{path} not found: not a meta-knowledge directory")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(config, dict) or config.get("kind") not in METHODS:
-        raise DataError(f"{path}: 'kind' must be one of {sorted(METHODS)}")
-    return config
-
-
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """safetensors only: a pickle or any other file under this name is refused, never executed."""
-    if not path.is_file():
-        raise DataError(f"{path} not found")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise DataError(f"{path} is not a valid safetensors file ({error}); refusing to load it") from None
+    """Write omega; `extra` carries what serving needs (image size, lineage)."""
+    config = {"kind": method.kind, "config": method.config(), "extra": extra or {}, "metaflowlib": __version__}
+    return write_tensor_dir(directory, method.state_dict(), config)
 
 
 def load_meta_knowledge(directory: str | Path, device: str | torch.device = "cpu") -> tuple[MetaLearner, dict[str, Any]]:
     """Rebuild omega from its directory: (method in eval mode, its config.json)."""
     directory = Path(directory)
-    config = read_config(directory)
+    config, state = read_tensor_dir(directory)
+    if config.get("kind") not in METHODS or not isinstance(config.get("config"), dict):
+        raise DataError(f"{directory / CONFIG_FILE}: 'kind' must be one of {sorted(METHODS)} with a 'config' object")
     method = build_method(config["kind"], **config["config"])
-    state = load_tensors(directory / WEIGHTS)
     expected = set(method.state_dict())
     if set(state) != expected:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise DataError(f"{directory / WEIGHTS} does not match its config: missing {missing}, unexpected {unexpected}")
+        raise DataError(f"{directory / WEIGHTS_FILE} does not match its config: missing {missing}, unexpected {unexpected}")
     method.load_state_dict(state)
     return method.to(device).eval(), config
 

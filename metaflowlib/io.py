@@ -1,4 +1,4 @@
-"""Atomic file output and checksums: a failed write never leaves a partial file."""
+"""Atomic file output, checksums, and tensor directories (safetensors + JSON): never a partial file, never a pickle."""
 
 from __future__ import annotations
 
@@ -48,3 +48,51 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+
+
+def write_tensor_dir(directory: str | os.PathLike, tensors: dict[str, Any], config: dict[str, Any]) -> Path:
+    """`model.safetensors` + `config.json` in one directory that appears whole or not at all."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    with atomic_path(directory, is_dir=True) as tmp:
+        tmp.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, Any]:
+    """safetensors only: a pickle or any other file under this name is refused, never executed."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from metaflowlib.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise DataError(f"{path} is not a valid safetensors file ({error}); refusing to load it") from None
+
+
+def read_tensor_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config, tensors) written by `write_tensor_dir`; JSON and safetensors only, never pickle."""
+    from metaflowlib.errors import DataError
+
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise DataError(f"{path} is missing: not a directory written by metaflowlib")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise DataError(f"{path} must hold a JSON object")
+    return config, load_tensors(directory / WEIGHTS_FILE)

@@ -45,7 +45,8 @@ def _info(version) -> VersionInfo:
     return VersionInfo(version.name, str(version.version), version.run_id, list(version.aliases or []), dict(version.tags or {}), version.description or "")
 
 
-def get_version(name: str, version: str | int) -> VersionInfo:
+def _require_model(name: str):
+    """The client, once `name` is known to be registered."""
     from mlflow.exceptions import MlflowException
 
     client = _client()
@@ -53,6 +54,13 @@ def get_version(name: str, version: str | int) -> VersionInfo:
         client.get_registered_model(name)
     except MlflowException:
         raise RegistryError(f"no registered model named {name!r} (see `metaflowlib models list`)") from None
+    return client
+
+
+def get_version(name: str, version: str | int) -> VersionInfo:
+    from mlflow.exceptions import MlflowException
+
+    client = _require_model(name)
     try:
         return _info(client.get_model_version(name, str(version)))
     except MlflowException:
@@ -62,11 +70,7 @@ def get_version(name: str, version: str | int) -> VersionInfo:
 def get_alias(name: str, alias: str = ALIAS) -> VersionInfo | None:
     from mlflow.exceptions import MlflowException
 
-    client = _client()
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        raise RegistryError(f"no registered model named {name!r} (see `metaflowlib models list`)") from None
+    client = _require_model(name)
     try:
         return _info(client.get_model_version_by_alias(name, alias))
     except MlflowException:

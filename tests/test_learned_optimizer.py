@@ -173,7 +173,7 @@ def test_load_refuses_a_pickle_named_like_the_weights(tmp_path):
     directory = save_optimizer(LSTMOptimizerNet(), tmp_path / "optimizer")
     marker = tmp_path / "unpickled"
     (directory / "model.safetensors").write_bytes(pickle.dumps(_Payload(marker)))
-    with pytest.raises(MetaflowError, match="not a safetensors file"):
+    with pytest.raises(MetaflowError, match="not a valid safetensors file"):
         load_optimizer(directory)
     assert not marker.exists()
 

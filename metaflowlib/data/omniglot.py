@@ -150,19 +150,23 @@ def load_official_zip(path: Path, set_name: str) -> OmniglotSet:
     return _decode_pngs(entries, str(path), set_name)
 
 
+def download(url: str, target: Path) -> None:
+    """Fetch `url` into `target` atomically; the caller verifies the content."""
+    print(f"downloading {url}", flush=True)
+    try:
+        with atomic_path(target) as tmp, urllib.request.urlopen(url, timeout=60) as response:
+            tmp.write_bytes(response.read())
+    except OSError as error:
+        raise DataError(f"cannot download {url}: {error}") from None
+
+
 def download_official(cache_dir: Path) -> list[OmniglotSet]:
     """Fetch the official zips into `cache_dir` and verify their decoded content by SHA-256."""
     sets = []
     for set_name in SETS:
         target = cache_dir / f"images_{set_name}.zip"
         if not target.exists():
-            url = DOWNLOAD_URL.format(set=set_name)
-            print(f"downloading {url}", flush=True)
-            try:
-                with atomic_path(target) as tmp, urllib.request.urlopen(url, timeout=60) as response:
-                    tmp.write_bytes(response.read())
-            except OSError as error:
-                raise DataError(f"cannot download Omniglot from {url}: {error}") from None
+            download(DOWNLOAD_URL.format(set=set_name), target)
         omniglot_set = load_official_zip(target, set_name)
         verify_images(set_name, omniglot_set.images, str(target))
         sets.append(omniglot_set)
@@ -177,13 +181,7 @@ def vinyals_split_dir(root: Path | None, cache_dir: Path) -> Path:
     for split in ("train", "val", "test"):
         path = target / f"{split}.txt"
         if not path.exists():
-            url = SPLIT_URL.format(split=split)
-            print(f"downloading {url}", flush=True)
-            try:
-                with atomic_path(path) as tmp, urllib.request.urlopen(url, timeout=60) as response:
-                    tmp.write_bytes(response.read())
-            except OSError as error:
-                raise DataError(f"cannot download the Vinyals split from {url}: {error}") from None
+            download(SPLIT_URL.format(split=split), path)
         verify_file(path, FILE_SHA256[f"omniglot/splits/vinyals/{split}.txt"])
     return target
 

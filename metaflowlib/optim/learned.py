@@ -21,7 +21,6 @@ Three faces of the same mathematics:
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -30,16 +29,12 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from metaflowlib.errors import MetaflowError
-from metaflowlib.io import atomic_path
+from metaflowlib.errors import DataError
+from metaflowlib.io import CONFIG_FILE, WEIGHTS_FILE, read_tensor_dir, write_tensor_dir
 
 KIND = "lstm_optimizer"
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 
 
 def preprocess_gradient(g: Tensor, p: float = 10.0) -> Tensor:
@@ -213,64 +208,39 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
 def save_optimizer(net: LSTMOptimizerNet, directory: str | os.PathLike) -> Path:
     """Write omega as `model.safetensors` + `config.json`; the directory appears whole or not at all."""
-    directory = Path(directory)
-    tensors = {name: t.detach().contiguous().cpu() for name, t in net.state_dict().items()}
-    with atomic_path(directory, is_dir=True) as tmp:
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"kind": KIND})
-        config = json.dumps({"kind": KIND, "config": net.config()}, indent=2, sort_keys=True)
-        (tmp / CONFIG_FILE).write_text(config + "\n")
-    return directory
+    return write_tensor_dir(directory, net.state_dict(), {"kind": KIND, "config": net.config()})
 
 
 def load_optimizer(directory: str | os.PathLike) -> LSTMOptimizerNet:
     """Rebuild an `LSTMOptimizerNet` from `save_optimizer`'s files (JSON + safetensors only, never pickle).
 
-    Raises MetaflowError when a file is missing or not in these formats, or
-    when the weights do not match the architecture the config describes.
+    Raises DataError when a file is missing or not in these formats, when the
+    weights do not match the architecture the config describes, or when they
+    are not finite (a diverged optimizer is never loaded).
     """
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise MetaflowError(
-                f"{path} is missing: a learned optimizer directory holds {CONFIG_FILE} and {WEIGHTS_FILE}"
-            )
-    try:
-        saved = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise MetaflowError(f"{config_path} is not valid JSON: {err}") from None
-    if not isinstance(saved, dict) or saved.get("kind") != KIND or not isinstance(saved.get("config"), dict):
-        raise MetaflowError(
-            f"{config_path} does not describe a learned optimizer (expected kind {KIND!r} and a config object)"
-        )
+    saved, tensors = read_tensor_dir(directory)
+    if saved.get("kind") != KIND or not isinstance(saved.get("config"), dict):
+        raise DataError(f"{config_path} does not describe a learned optimizer (expected kind {KIND!r} and a config object)")
     config = saved["config"]
     expected = set(inspect.signature(LSTMOptimizerNet.__init__).parameters) - {"self"}
     if set(config) != expected:
-        raise MetaflowError(
-            f"{config_path}: config keys {sorted(config)} do not match LSTMOptimizerNet's {sorted(expected)}"
-        )
+        raise DataError(f"{config_path}: config keys {sorted(config)} do not match LSTMOptimizerNet's {sorted(expected)}")
     try:
         net = LSTMOptimizerNet(**config)
     except (TypeError, ValueError) as err:
-        raise MetaflowError(f"{config_path}: invalid config: {err}") from None
-    try:
-        tensors = load_file(str(weights_path))
-    except SafetensorError as err:
-        raise MetaflowError(f"{weights_path} is not a safetensors file ({err}); pickled weights are refused") from None
+        raise DataError(f"{config_path}: invalid config: {err}") from None
     wanted = {name: tuple(t.shape) for name, t in net.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in tensors.items()}
     if found != wanted:
         problems = [f"missing {name} {shape}" for name, shape in wanted.items() if name not in found]
         problems += [f"unexpected {name} {shape}" for name, shape in found.items() if name not in wanted]
-        problems += [
-            f"{name} is {found[name]}, config implies {shape}"
-            for name, shape in wanted.items()
-            if name in found and found[name] != shape
-        ]
-        raise MetaflowError(f"{weights_path} does not match {config_path}: " + "; ".join(problems))
+        problems += [f"{name} is {found[name]}, config implies {shape}" for name, shape in wanted.items()
+                     if name in found and found[name] != shape]
+        raise DataError(f"{weights_path} does not match {config_path}: " + "; ".join(problems))
     bad = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
     if bad:
-        raise MetaflowError(f"{weights_path} holds non-finite weights in {bad}: refusing a diverged optimizer")
+        raise DataError(f"{weights_path} holds non-finite weights in {bad}: refusing a diverged optimizer")
     net.load_state_dict(tensors)
     return net
