@@ -34,6 +34,15 @@ def class_images(classes: int, per_class: int, size: int = 28, seed: int = 0) ->
     return np.stack(images), np.asarray(labels)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads; on a busy 2-core machine they made test files 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_pool():
     """A TaskPool of 12 separable classes x 10 examples, model-ready."""

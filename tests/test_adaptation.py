@@ -28,13 +28,7 @@ CLASSES = 5
 SIDE = 16  # four halvings leave a 1x1 map in Conv-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions: thread start-up and contention cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_classifier() -> nn.Module:

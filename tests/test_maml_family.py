@@ -19,13 +19,7 @@ WAYS, SHOTS, QUERIES, TASKS, SIDE, HIDDEN = 3, 2, 3, 3, 16, 4
 SMALL = dict(ways=WAYS, hidden=HIDDEN, image_size=SIDE)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors this small gain nothing from intra-op threads; on a busy 2-core machine they made the file 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_episode(seed: int = 0, tasks: int = TASKS, ways: int = WAYS) -> Episode:
