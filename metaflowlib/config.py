@@ -89,8 +89,8 @@ class MethodBase(Strict):
     budget: Budgets = Budgets()
     description: str = ""
 
-    def model_config_dict(self) -> dict[str, Any]:
-        """Constructor arguments of the method class (omega's architecture)."""
+    def model_config_dict(self, image_size: int) -> dict[str, Any]:
+        """Constructor arguments of the method class (omega's architecture and adaptation settings)."""
         raise NotImplementedError
 
 
@@ -100,11 +100,76 @@ class ProtoNetParams(MethodBase):
     distance: Literal["euclidean", "cosine"] = "euclidean"
     temperature: float = Field(10.0, gt=0)
 
-    def model_config_dict(self) -> dict[str, Any]:
+    def model_config_dict(self, image_size: int) -> dict[str, Any]:
         return {"hidden": self.hidden, "distance": self.distance, "temperature": self.temperature}
 
 
-MethodParams = Annotated[Union[ProtoNetParams], Field(discriminator="kind")]
+class InitializationParams(MethodBase):
+    """The MAML family: omega = the initialization theta of Conv-4 + an N-way head (N = `ways`).
+
+    Defaults: Finn et al.'s 5-way Omniglot settings (1 inner step, alpha 0.4,
+    meta-batch 32, Adam 1e-3, 3 inner steps at test time).
+    """
+
+    ways: int = Field(5, ge=2)
+    shots: int = Field(1, ge=1)
+    queries: int = Field(15, ge=1)
+    tasks_per_step: int = Field(32, ge=1)
+    hidden: int = Field(64, ge=1)
+    inner_steps: int = Field(1, ge=1)
+    inner_steps_eval: int = Field(3, ge=1)
+    inner_lr: float = Field(0.4, gt=0)
+    vectorize: Literal["auto", "vmap", "loop"] = "auto"  # auto: vmap over tasks on CUDA, a per-task loop on CPU
+    chunk_size: int | None = Field(None, ge=1)  # tasks per vmap chunk: trades speed for memory
+    budget: Budgets = Budgets(default=Budget(seconds=120), full=Budget(episodes=60000))
+
+    def model_config_dict(self, image_size: int) -> dict[str, Any]:
+        return {"ways": self.ways, "hidden": self.hidden, "image_size": image_size, "inner_steps": self.inner_steps,
+                "inner_steps_eval": self.inner_steps_eval, "inner_lr": self.inner_lr, "vectorize": self.vectorize,
+                "chunk_size": self.chunk_size}
+
+
+class MAMLParams(InitializationParams):
+    kind: Literal["maml", "fomaml"]
+
+
+class ReptileParams(InitializationParams):
+    """Nichol et al.: the outer update theta + beta * mean(W_i - theta) is SGD with lr = beta on Reptile's .grad."""
+
+    kind: Literal["reptile"]
+    inner_steps: int = Field(5, ge=1)
+    inner_steps_eval: int = Field(10, ge=1)
+    inner_lr: float = Field(0.1, gt=0)
+    tasks_per_step: int = Field(5, ge=1)
+    use_query: bool = True  # inner SGD on support + query of each training task
+    meta_optimizer: MetaOptimizer = MetaOptimizer(name="sgd", lr=1.0, decay_every=2000, decay=0.5)
+
+    def model_config_dict(self, image_size: int) -> dict[str, Any]:
+        return {**super().model_config_dict(image_size), "use_query": self.use_query}
+
+    @model_validator(mode="after")
+    def _plain_sgd(self) -> ReptileParams:
+        if self.meta_optimizer.name != "sgd":
+            raise ValueError("reptile's outer update is theta + beta * mean(W_i - theta): meta_optimizer.name must be 'sgd'")
+        return self
+
+
+class IMAMLParams(InitializationParams):
+    """Rajeswaran et al.: proximal inner problem, implicit meta-gradient by conjugate gradient."""
+
+    kind: Literal["imaml"]
+    inner_steps: int = Field(10, ge=1)
+    inner_steps_eval: int = Field(10, ge=1)
+    inner_lr: float = Field(0.1, gt=0)
+    lam: float = Field(2.0, gt=0)
+    cg_steps: int = Field(5, ge=1)
+
+    def model_config_dict(self, image_size: int) -> dict[str, Any]:
+        return {**super().model_config_dict(image_size), "lam": self.lam, "cg_steps": self.cg_steps}
+
+
+MethodParams = Annotated[Union[ProtoNetParams, MAMLParams, ReptileParams, IMAMLParams], Field(discriminator="kind")]
+METHOD_KINDS = {"protonet", "maml", "fomaml", "reptile", "imaml"}
 
 
 class ValidationParams(Strict):
@@ -198,10 +263,9 @@ class Params(Strict):
 
 def format_validation_error(error: ValidationError, origin: str) -> str:
     lines = [f"{origin}: {error.error_count()} invalid value(s)"]
-    kinds = {"protonet"}
     for item in error.errors():
         loc = list(item["loc"])
-        if len(loc) > 2 and loc[0] == "methods" and loc[2] in kinds:
+        if len(loc) > 2 and loc[0] == "methods" and loc[2] in METHOD_KINDS:
             del loc[2]  # the union's tag, not a key the user wrote
         field = ".".join(str(p) for p in loc) or "(top level)"
         value = item.get("input")

@@ -50,7 +50,7 @@ def embed_pool(method: MetaLearner, pool: TaskPool, dtype: torch.dtype | None, b
     """The pool with every example replaced by `method.features(x)` (eval mode)."""
     device = pool.examples.device
     chunks = []
-    with autocast(device, dtype):
+    with autocast(device, method.precision(dtype)):
         for start in range(0, pool.examples.shape[0], batch):
             chunks.append(method.features(pool.examples[start : start + batch]).float())
     return pool.with_examples(torch.cat(chunks))
@@ -60,7 +60,7 @@ def task_accuracies(method: MetaLearner, pool: TaskPool, indices: EpisodeIndices
     """Query accuracy of each task [T]: adapt on the support set, predict the queries."""
     device = pool.examples.device
     out = []
-    with torch.no_grad(), autocast(device, dtype):
+    with torch.no_grad(), autocast(device, method.precision(dtype)):
         for batch in indices.batches(batch_tasks):
             episode = pool.gather(batch)
             theta = method.adapt(episode.support_x, episode.support_y, episode.ways)
@@ -84,7 +84,7 @@ def adaptation_seconds(method: MetaLearner, pool: TaskPool, ways: int, shots: in
     device = pool.examples.device
     indices = fixed_episodes(pool, tasks + 1, ways, shots, 1, seed)
     times = []
-    with torch.no_grad(), autocast(device, dtype):
+    with torch.no_grad(), autocast(device, method.precision(dtype)):
         for i, batch in enumerate(indices.batches(1)):
             episode = pool.gather(batch)
             _sync(device)
@@ -109,22 +109,34 @@ def evaluate_protocol(
     seed: int, batch_tasks: int = 50, dtype: torch.dtype | None = None, shots_curve: tuple[int, ...] = (),
     curve_ways: int = 5, timing_tasks: int = 100,
 ) -> dict:
-    """Scores for each setting, the accuracy-vs-shots curve, and per-task adaptation time."""
+    """Scores for each setting, the accuracy-vs-shots curve, and per-task adaptation time.
+
+    A method with a fixed N-way head is scored on the N-way settings only (the
+    others are listed under `skipped_settings`), and its shots curve is N-way.
+    """
     method.eval()
     features = embed_pool(method, pool, dtype) if method.per_example_features else None
     min_count = int(pool.counts.min())
+    fixed = method.fixed_ways
+    usable = {name: shape for name, shape in settings.items() if fixed is None or shape[0] == fixed}
+    if not usable:
+        raise ValueError(f"{method.kind} has a {fixed}-way head and none of the settings {sorted(settings)} is {fixed}-way")
+    curve_ways = fixed or curve_ways
     results = {
         name: evaluate_setting(method, pool, features, ways, shots, min(queries, min_count - shots), episodes, seed, batch_tasks, dtype)
-        for name, (ways, shots) in settings.items()
+        for name, (ways, shots) in usable.items()
     }
+    by_shape = {(r.ways, r.shots): r for r in results.values()}
     curve = {
-        shots: evaluate_setting(method, pool, features, curve_ways, shots, min(queries, min_count - shots), episodes, seed + shots, batch_tasks, dtype)
+        shots: by_shape.get((curve_ways, shots))  # a point the settings already scored is reused, not re-run
+        or evaluate_setting(method, pool, features, curve_ways, shots, min(queries, min_count - shots), episodes, seed, batch_tasks, dtype)
         for shots in shots_curve
         if shots < min_count
     }
-    first_ways, first_shots = next(iter(settings.values()))
+    first_ways, first_shots = next(iter(usable.values()))
     return {
         "settings": {k: v.as_dict() for k, v in results.items()},
+        "skipped_settings": sorted(set(settings) - set(usable)),
         "shots_curve": {str(k): v.as_dict() for k, v in curve.items()},
         "adaptation_seconds_per_task": adaptation_seconds(method, pool, first_ways, first_shots, timing_tasks, seed, dtype),
     }

@@ -75,7 +75,8 @@ class MetaTrainer:
         self.max_episodes, self.max_seconds = max_episodes, max_seconds
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
         self.log = log or (lambda metrics, step: None)
-        self.precision, self.grad_clip, self.progress, self.log_every = precision, grad_clip, progress, log_every
+        self.precision = method.precision(precision)
+        self.grad_clip, self.progress, self.log_every = grad_clip, progress, log_every
         self.device = next(method.parameters()).device
         self.episode, self.seconds = 0, 0.0
         self.best_accuracy, self.best_episode = -1.0, 0

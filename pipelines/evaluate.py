@@ -62,9 +62,11 @@ def main() -> None:
         writer.writerow(["shots", "accuracy", "ci95"])
         for shots, result in report["shots_curve"].items():
             writer.writerow([shots, result["accuracy"], result["ci95"]])
-    write_json(ROOT / "runs" / key / "evaluate.json", {"run_id": train["run_id"], "episodes_digest": digests})
+    write_json(ROOT / "runs" / key / "evaluate.json", {"run_id": train["run_id"], "episodes_digest": digests,
+                                                       "skipped_settings": report["skipped_settings"]})
     shown = "  ".join(f"{n} {100 * r['accuracy']:.2f}±{100 * r['ci95']:.2f}" for n, r in report["settings"].items())
-    print(f"evaluate@{key}: {shown} (%, {e.episodes} tasks each); metrics/{key}/eval.json, MLflow run {train['run_id']}")
+    skipped = f"; skipped {', '.join(report['skipped_settings'])} (fixed {method.fixed_ways}-way head)" if report["skipped_settings"] else ""
+    print(f"evaluate@{key}: {shown} (%, {e.episodes} tasks each){skipped}; metrics/{key}/eval.json, MLflow run {train['run_id']}")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ def validator(pool, p: Params, dtype):
     def validate(method) -> float:
         method.eval()
         features = embed_pool(method, pool, dtype) if method.per_example_features else None
-        return evaluate_setting(method, pool, features, v.ways, v.shots, v.queries, v.episodes, p.seed + 1, 50, dtype).accuracy
+        ways = method.fixed_ways or v.ways  # a fixed N-way head is validated on N-way tasks
+        return evaluate_setting(method, pool, features, ways, v.shots, v.queries, v.episodes, p.seed + 1, 50, dtype).accuracy
 
     return validate
 
@@ -63,7 +64,7 @@ def main() -> None:
     train_pool = load_pool(PREPARED, "train", p.data.image_size, device)
     val_pool = load_pool(PREPARED, "val", p.data.image_size, device)
     sampler = EpisodeSampler(train_pool, mp.ways, mp.shots, mp.queries, mp.tasks_per_step, seed=p.seed)
-    method = build_method(mp.kind, **mp.model_config_dict()).to(device)
+    method = build_method(mp.kind, **mp.model_config_dict(p.data.image_size)).to(device)
     if p.train.channels_last:
         method = method.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_meta_optimizer(method, **mp.meta_optimizer.model_dump(exclude={"grad_clip"}))
@@ -99,7 +100,7 @@ def main() -> None:
         mlflow.set_tag("memory_kind", result.memory_kind)
         omega_dir = save_meta_knowledge(method, ROOT / "models" / key, extra={
             "image_size": p.data.image_size, "method_key": key, "dataset": p.data.name, "run_id": run.info.run_id})
-        model_uri = log_pyfunc_model(omega_dir)
+        model_uri = log_pyfunc_model(omega_dir, ways=method.fixed_ways or 2)
         write_curve(ROOT / "metrics" / key / "train_curve.csv", result.history)
         write_json(ROOT / "runs" / key / "train.json", {"run_id": run.info.run_id, "experiment_id": experiment,
                                                         "model_uri": model_uri, "memory_kind": result.memory_kind, **costs})

@@ -25,7 +25,7 @@ def with_change(path: str, value):
 
 def test_shipped_params_are_valid():
     params = load_params(ROOT / "params.yaml")
-    assert params.methods["protonet"].kind == "protonet"
+    assert params.methods["protonet"].kind == "protonet" and params.methods["maml"].kind == "maml"
     assert params.settings() == {"5w1s": (5, 1), "5w5s": (5, 5), "20w1s": (20, 1), "20w5s": (20, 5)}
     assert params.budget("protonet").seconds == 480
     assert params.registered_name("protonet") == "omniglot-vinyals-protonet"
@@ -89,4 +89,18 @@ def test_unknown_top_level_keys_are_refused(key):
     data = copy.deepcopy(SHIPPED)
     data[key] = 1
     with pytest.raises(ConfigError, match=f"{key}: Extra inputs are not permitted"):
+        parse_params(data)
+
+
+def test_maml_family_blocks_build_their_methods():
+    from metaflowlib.methods import build_method
+
+    data = copy.deepcopy(SHIPPED)
+    data["methods"] = {"m": {"kind": "fomaml"}, "r": {"kind": "reptile"}, "i": {"kind": "imaml", "lam": 0.5}}
+    params = parse_params(data)
+    built = {k: build_method(m.kind, **m.model_config_dict(28)) for k, m in params.methods.items()}
+    assert built["m"].first_order and built["i"].config()["lam"] == 0.5
+    assert params.methods["r"].meta_optimizer.name == "sgd" and params.methods["r"].meta_optimizer.lr == 1.0
+    data["methods"]["r"]["meta_optimizer"] = {"name": "adam"}
+    with pytest.raises(ConfigError, match="methods.r: reptile's outer update .* must be 'sgd'"):
         parse_params(data)

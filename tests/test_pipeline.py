@@ -31,6 +31,8 @@ def project(tmp_path_factory, shared_data):
     method = params["methods"]["protonet"]
     method.update(ways=20, shots=5, queries=5)
     method["budget"]["default"] = {"episodes": 40}
+    params["methods"] = {"protonet": method, "fomaml": {"kind": "fomaml", "tasks_per_step": 4, "queries": 5,
+                                                        "budget": {"default": {"episodes": 20}}}}
     params["train"].update(val_every=20, validation={"ways": 5, "shots": 1, "queries": 5, "episodes": 50})
     params["evaluate"].update(episodes=100, timing_tasks=5, shots_curve=[1, 5])
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -55,6 +57,11 @@ def test_dvc_repro_trains_evaluates_registers_and_serves(project):
     metrics = yaml.safe_load((root / "metrics" / "protonet" / "eval.json").read_text())
     assert set(metrics["episodes_digest"]) == {"5w1s", "5w5s", "20w1s", "20w5s"}
     assert metrics["acc_5w1s"] > 0.6 and metrics["ci95_5w1s"] > 0
+
+    fomaml = yaml.safe_load((root / "metrics" / "fomaml" / "eval.json").read_text())
+    assert set(fomaml["episodes_digest"]) == {"5w1s", "5w5s"}  # a 5-way head is scored on 5-way tasks only
+    assert fomaml["episodes_digest"]["5w1s"] == metrics["episodes_digest"]["5w1s"]  # the same tasks as ProtoNet
+    assert "register@fomaml: omniglot-vinyals-fomaml version 1; promoted" in first.stdout
 
     second = dvc(root, env, "repro")
     assert second.returncode == 0 and "Data and pipelines are up to date" in second.stdout
@@ -91,6 +98,6 @@ def test_dvc_exp_run_sweeps_a_param(project):
     result = dvc(root, env, "exp", "run", "-S", "evaluate.timing_tasks=4")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Running stage 'evaluate@protonet'" in result.stdout and "Running stage 'train@protonet'" not in result.stdout
-    assert "omniglot-vinyals-protonet version 2" in result.stdout
+    assert "omniglot-vinyals-protonet version 2" in result.stdout and "omniglot-vinyals-fomaml version 2" in result.stdout
     shown = dvc(root, env, "exp", "show", "--csv")
     assert shown.returncode == 0 and "evaluate.timing_tasks" in shown.stdout

@@ -55,3 +55,11 @@ def test_any_image_size_is_resized_by_the_model():
     big = {k: (np.kron(v, np.ones((1, 2, 2), np.uint8)) if k.endswith("images") else v) for k, v in big.items()}
     out = predict_task(ProtoNet(hidden=8).eval(), big, image_size=28, device=torch.device("cpu"))
     assert out["labels"].shape == (6,)
+
+
+def test_fixed_head_model_refuses_other_numbers_of_classes():
+    from metaflowlib.methods import build_method
+
+    method = build_method("maml", ways=5, hidden=4).eval()
+    with pytest.raises(PayloadError, match="classifies 5 classes per task; the support set has 3"):
+        predict_task(method, payload(), image_size=28, device=torch.device("cpu"))

@@ -45,6 +45,7 @@ class MetaLearner(nn.Module, ABC):
 
     kind: ClassVar[str]
     per_example_features: ClassVar[bool] = False
+    autocast_safe: ClassVar[bool] = True  # False: always fp32 (e.g. second derivatives through an inner loop)
 
     def __init__(self, **config: Any) -> None:
         super().__init__()
@@ -53,6 +54,15 @@ class MetaLearner(nn.Module, ABC):
     def config(self) -> dict[str, Any]:
         """JSON-able constructor arguments: `type(self)(**config)` rebuilds the architecture."""
         return dict(self._config)
+
+    @property
+    def fixed_ways(self) -> int | None:
+        """N when omega has a fixed N-way head (tasks of other N are refused), else None."""
+        return None
+
+    def precision(self, requested: torch.dtype | None) -> torch.dtype | None:
+        """The autocast dtype to use for this method: the requested one, or None (fp32) if unsafe."""
+        return requested if self.autocast_safe else None
 
     def features(self, x: Tensor) -> Tensor:
         """Per-example representation fed to `adapt`/`predict`; identity unless overridden."""

@@ -115,6 +115,9 @@ def inner_loop(
 class InitializationLearner(MetaLearner):
     """Base of the methods whose meta-knowledge is an initialization theta of Conv-4 + linear head.
 
+    Always fp32 (`autocast_safe = False`): inner-loop gradients, and MAML's second
+    derivatives through them, are not trusted to bf16.
+
     The head has `ways` outputs, so N is fixed at construction. It starts at
     zero: every class then has the same logit under theta, the right prior when
     labels are assigned to classes in random order per task; a random head is
@@ -136,6 +139,8 @@ class InitializationLearner(MetaLearner):
         vectorize: "vmap", "loop", or "auto" (vmap on CUDA, loop on CPU).
         chunk_size: tasks per vmap chunk (None: the whole meta-batch); trades speed for memory.
     """
+
+    autocast_safe = False
 
     def __init__(
         self,
@@ -174,6 +179,10 @@ class InitializationLearner(MetaLearner):
         nn.init.zeros_(head.bias)
         self.net = nn.Sequential(Conv4(in_channels, hidden, composite_bn=True, track_running_stats=False), head)
         self.inner_optimizer: InnerOptimizer = SGD(inner_lr)
+
+    @property
+    def fixed_ways(self) -> int:
+        return self.ways
 
     def theta(self) -> Params:
         """The initialization as a functional parameter dict (live parameters, not copies)."""

@@ -60,6 +60,8 @@ def validate_payload(payload: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray
 def predict_task(method: MetaLearner, payload: Mapping[str, Any], image_size: int, device: torch.device) -> dict[str, np.ndarray]:
     """Adapt omega to the support set (theta_i), then classify the queries."""
     support, labels, query, ways = validate_payload(payload)
+    if method.fixed_ways is not None and ways != method.fixed_ways:
+        raise PayloadError(f"this {method.kind} model classifies {method.fixed_ways} classes per task; the support set has {ways}")
     support_x = to_model_input(support, image_size).to(device)
     query_x = to_model_input(query, image_size).to(device)
     support_y = torch.from_numpy(labels).to(device)

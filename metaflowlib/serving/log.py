@@ -28,16 +28,23 @@ def signature():
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def example_payload(size: int = 28) -> dict[str, np.ndarray]:
-    """A 2-way 1-shot task of blank-ish images: small enough to store with the model."""
-    images = np.full((4, size, size), 255, dtype=np.uint8)
-    images[0, size // 4 : size // 2], images[2, size // 4 : size // 2] = 0, 0
-    images[1, :, size // 2], images[3, :, size // 2] = 0, 0
-    return {"support_images": images[:2], "support_labels": np.array([0, 1], dtype=np.int64), "query_images": images[2:]}
+def example_payload(ways: int = 2, size: int = 28) -> dict[str, np.ndarray]:
+    """A `ways`-way 1-shot task of simple stroke images: small enough to store with the model."""
+    images = np.full((2 * ways, size, size), 255, dtype=np.uint8)
+    for k in range(ways):
+        row = (k * size) // ways
+        images[k, row : row + max(1, size // ways)] = 0  # class k: a horizontal band at its own height
+        images[ways + k] = images[k]
+    labels = np.arange(ways, dtype=np.int64)
+    return {"support_images": images[:ways], "support_labels": labels, "query_images": images[ways:]}
 
 
-def log_pyfunc_model(omega_dir: str | Path, name: str = "model") -> str:
-    """Log the pyfunc model into the active run; returns its model URI for registration."""
+def log_pyfunc_model(omega_dir: str | Path, ways: int = 2, name: str = "model") -> str:
+    """Log the pyfunc model into the active run; returns its model URI for registration.
+
+    `ways` sizes the stored input example (a fixed N-way head needs N-way tasks);
+    the registry's load check replays that example before promoting.
+    """
     import mlflow
 
     info = mlflow.pyfunc.log_model(
@@ -45,7 +52,7 @@ def log_pyfunc_model(omega_dir: str | Path, name: str = "model") -> str:
         python_model=str(MODEL_CODE),
         artifacts={"meta_knowledge": str(omega_dir)},
         signature=signature(),
-        input_example=example_payload(),
+        input_example=example_payload(ways),
         pip_requirements=[f"metaflowlib=={metaflowlib.__version__}", "torch", "safetensors", "numpy"],
     )
     return info.model_uri
