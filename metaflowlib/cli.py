@@ -14,7 +14,7 @@ from metaflowlib.errors import MetaflowError
 
 
 def run_guarded(main: Callable[[], None]) -> None:
-    """Run a command or stage: a MetaflowError becomes a one-line message and exit code 2."""
+    """Run a command or stage: a MetaflowError becomes a one-line message and exit code 2 (128 + signal if interrupted)."""
     from metaflowlib.tracking import quiet_environment
 
     quiet_environment()
@@ -22,7 +22,7 @@ def run_guarded(main: Callable[[], None]) -> None:
         main()
     except MetaflowError as error:
         print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(getattr(error, "exit_code", 2)) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None

@@ -23,3 +23,11 @@ class PayloadError(MetaflowError):
 
 class DivergenceError(MetaflowError):
     """Training produced NaN/inf; the message names the step and the last good checkpoint."""
+
+
+class Interrupted(MetaflowError):
+    """SIGINT/SIGTERM stopped the work after a final checkpoint; the exit code is 128 + the signal."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signal_number

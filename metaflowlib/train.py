@@ -8,9 +8,12 @@ the `log` callback, so the loop runs on a bare GPU machine too.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +23,7 @@ import torch
 
 from metaflowlib.artifacts import load_checkpoint, save_checkpoint
 from metaflowlib.episodes import EpisodeSampler
-from metaflowlib.errors import DivergenceError
+from metaflowlib.errors import DivergenceError, Interrupted
 from metaflowlib.methods import MetaLearner
 from metaflowlib.runtime import PeakMemory, autocast
 
@@ -56,7 +59,8 @@ class MetaTrainer:
     Args:
         validate: omega -> validation accuracy; the best omega is kept and returned.
         max_episodes / max_seconds: the budget (whichever comes first).
-        checkpoint_dir: resume from / save to here every `checkpoint_every` episodes.
+        checkpoint_dir: resume from / save to here every `checkpoint_every` episodes, and on
+            SIGINT/SIGTERM, which stop the loop after the current meta-step (`Interrupted`).
         log: receives {"train_loss", "train_accuracy", "val_accuracy", "lr"} per step.
         progress: "bar" (tqdm), "log" (a line per validation), or "off".
     """
@@ -82,12 +86,15 @@ class MetaTrainer:
         self.best_accuracy, self.best_episode = -1.0, 0
         self.best_state = copy.deepcopy(method.state_dict())
         self.history: list[dict[str, float]] = []
+        self.stop_signal: int | None = None
 
     def run(self) -> TrainResult:
         self._resume()
-        with PeakMemory(self.device) as memory:
+        with PeakMemory(self.device) as memory, self._stop_on_signals():
             bar = self._progress_bar()
             while not self._budget_spent():
+                if self.stop_signal is not None:
+                    self._stop()
                 start = time.perf_counter()
                 stats = self._meta_step()
                 self.seconds += time.perf_counter() - start
@@ -108,6 +115,34 @@ class MetaTrainer:
                 bar.close()
         self.method.load_state_dict(self.best_state)
         return TrainResult(self.episode, self.seconds, self.best_accuracy, self.best_episode, memory.peak_mb(), memory.kind, self.history)
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGINT/SIGTERM only set a flag: the loop stops between meta-steps, never mid-write."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+
+        def request_stop(number: int, frame: object) -> None:
+            self.stop_signal = number
+
+        for number in previous:
+            signal.signal(number, request_stop)
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    def _stop(self) -> None:
+        name = signal.Signals(self.stop_signal).name
+        if self.checkpoint_dir:
+            self._save()
+            where = f"checkpoint in {self.checkpoint_dir}; rerun the same command to resume"
+        else:
+            where = "no checkpoint directory was set, nothing saved"
+        raise Interrupted(f"interrupted at episode {self.episode} by {name}; {where}", self.stop_signal)
 
     def _meta_step(self):
         self.method.train()

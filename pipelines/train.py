@@ -21,6 +21,7 @@ from metaflowlib import tracking
 from metaflowlib.artifacts import save_meta_knowledge
 from metaflowlib.config import Params
 from metaflowlib.data.store import load_info, load_pool
+from metaflowlib.errors import Interrupted
 from metaflowlib.episodes import EpisodeSampler
 from metaflowlib.evaluate import embed_pool, evaluate_setting
 from metaflowlib.io import atomic_path, write_json
@@ -91,7 +92,11 @@ def main() -> None:
             checkpoint_every=p.train.checkpoint_every, log=tracking.MetricLogger(run.info.run_id), precision=dtype,
             grad_clip=mp.meta_optimizer.grad_clip, progress=progress,
         )
-        result = trainer.run()
+        try:
+            result = trainer.run()
+        except Interrupted:
+            mlflow.end_run(status="KILLED")
+            raise
         costs = {"meta_train_seconds": result.seconds, "meta_train_episodes": result.episodes,
                  "episodes_per_second": result.episodes_per_second, "peak_memory_mb": result.peak_memory_mb,
                  "best_val_accuracy": result.best_val_accuracy, "best_episode": result.best_episode,

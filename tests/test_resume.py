@@ -1,0 +1,108 @@
+"""A real training process killed with SIGKILL resumes into the same MLflow run and ends bitwise equal;
+SIGTERM stops it cleanly with a checkpoint and the run marked KILLED."""
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ROOT, class_images
+
+EPISODES = 300
+
+
+def make_project(root):
+    """A copy of the pipeline code with a small synthetic prepared dataset and an episode budget."""
+    from metaflowlib.data.prepare import Split, save_splits
+
+    shutil.copytree(ROOT / "pipelines", root / "pipelines")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["methods"] = {"protonet": {"kind": "protonet", "hidden": 16, "ways": 5, "shots": 2, "queries": 3,
+                                      "budget": {"default": {"episodes": EPISODES}}}}
+    params["train"].update(val_every=50, checkpoint_every=2, progress="log",
+                           validation={"ways": 5, "shots": 1, "queries": 3, "episodes": 20})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    splits = {}
+    for i, name in enumerate(("train", "val", "test")):
+        images, labels = class_images(12, 8, seed=i)
+        splits[name] = Split(images, labels, [f"c{c}" for c in range(12)])
+    save_splits(splits, root / "data" / "prepared", {"dataset": "synthetic"})
+    return root
+
+
+def train(root, **kwargs):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.Popen([sys.executable, "pipelines/train.py", "protonet"], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def wait_for_checkpoint(root, timeout=120):
+    state = root / "checkpoints" / "protonet" / "state" / "state.json"
+    deadline = time.time() + timeout
+    while not state.exists():
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+
+
+def omega(root):
+    return load_file(str(root / "models" / "protonet" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = make_project(tmp_path_factory.mktemp("straight"))
+    process = train(root)
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, out
+    return root
+
+
+def test_sigkill_then_rerun_resumes_into_the_same_run_bitwise(uninterrupted, tmp_path):
+    root = make_project(tmp_path)
+    process = train(root)
+    wait_for_checkpoint(root)
+    time.sleep(random.uniform(0, 0.2))  # a random moment after the first checkpoint
+    assert process.poll() is None, "training finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    run_id = (root / "checkpoints" / "protonet" / "mlflow_run_id").read_text()
+    assert not (root / "models" / "protonet").exists()
+
+    resumed = train(root)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert "resuming from" in out
+    record = yaml.safe_load((root / "runs" / "protonet" / "train.json").read_text())
+    assert record["run_id"] == run_id and record["meta_train_episodes"] == EPISODES
+    expected, actual = omega(uninterrupted), omega(root)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert (expected[key] == actual[key]).all(), key
+    assert not (root / "checkpoints" / "protonet").exists()  # a finished run leaves no checkpoint behind
+
+
+def test_sigterm_stops_cleanly_with_a_checkpoint_and_a_killed_run(tmp_path):
+    root = make_project(tmp_path)
+    process = train(root)
+    wait_for_checkpoint(root)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 143, out
+    assert "interrupted at episode" in out and "rerun the same command to resume" in out
+    run_id = (root / "checkpoints" / "protonet" / "mlflow_run_id").read_text()
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    assert mlflow.get_run(run_id).info.status == "KILLED"
+    mlflow.set_tracking_uri(None)
+    from metaflowlib.artifacts import load_checkpoint
+
+    state = load_checkpoint(root / "checkpoints" / "protonet" / "state")
+    assert 0 < state["episode"] < EPISODES
+    assert not (root / "models" / "protonet").exists()
