@@ -77,8 +77,8 @@ def get_alias(name: str, alias: str = ALIAS) -> VersionInfo | None:
         return None
 
 
-def register(model_uri: str, name: str, run_id: str, tags: dict[str, Any], description: str, model_description: str) -> VersionInfo:
-    """Create a version of `name` from a logged model, with its evaluation numbers as tags."""
+def register(model_uri: str, name: str, tags: dict[str, Any], description: str, model_description: str) -> VersionInfo:
+    """Create a version of `name` from a logged model (its run comes with it), with its evaluation numbers as tags."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -99,7 +99,7 @@ def list_models() -> list[dict[str, Any]]:
     out = []
     for model in client.search_registered_models():
         versions = sorted(client.search_model_versions(f"name='{model.name}'"), key=lambda v: int(v.version))
-        aliases = getattr(client.get_registered_model(model.name), "aliases", {}) or {}
+        aliases = model.aliases or {}
         infos = []
         for v in versions:
             info = _info(v)

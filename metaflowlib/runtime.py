@@ -59,12 +59,10 @@ class PeakMemory:
     """Peak memory over a region: CUDA allocator peak on GPU, process peak RSS on CPU."""
 
     device: torch.device
-    start_rss_mb: float = 0.0
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.start_rss_mb = rss_peak_mb()
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -30,7 +30,7 @@ def main() -> None:
     model_description = mp.description or f"{mp.kind} on {p.data.name}: predict(support_images, support_labels, query_images) -> labels"
 
     tracking.configure(p.mlflow.tracking_uri)
-    version = registry.register(train["model_uri"], name, train["run_id"], tags, description, model_description)
+    version = registry.register(train["model_uri"], name, tags, description, model_description)
     promoted = None
     if p.registry.promote_first and registry.get_alias(name) is None:
         promoted = registry.promote(name, version.version, p.registry.gate_metric)

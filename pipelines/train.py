@@ -39,7 +39,8 @@ def validator(pool, p: Params, dtype):
         method.eval()
         features = embed_pool(method, pool, dtype) if method.per_example_features else None
         ways = method.fixed_ways or v.ways  # a fixed N-way head is validated on N-way tasks
-        return evaluate_setting(method, pool, features, ways, v.shots, v.queries, v.episodes, p.seed + 1, 50, dtype).accuracy
+        return evaluate_setting(method, pool, features, ways, v.shots, v.queries, v.episodes, p.seed + 1,
+                                p.evaluate.batch_tasks, dtype).accuracy
 
     return validate
 
@@ -71,7 +72,8 @@ def main() -> None:
     optimizer, scheduler = build_meta_optimizer(method, **mp.meta_optimizer.model_dump(exclude={"grad_clip"}))
 
     checkpoints = ROOT / "checkpoints" / key
-    run_id = resume_run_id(checkpoints, fingerprint(p, key))
+    expected = fingerprint(p, key)
+    run_id = resume_run_id(checkpoints, expected)
     tracking.configure(p.mlflow.tracking_uri)
     experiment = tracking.experiment_id(p.experiment, str(ROOT / p.mlflow.artifact_location))
     tags = {"method": mp.kind, "method_key": key, "stage": f"train@{key}", "profile": p.profile,
@@ -85,7 +87,7 @@ def main() -> None:
                                                         "budget": budget.model_dump(mode="json")}))
         checkpoints.mkdir(parents=True, exist_ok=True)
         (checkpoints / "mlflow_run_id").write_text(run.info.run_id)
-        (checkpoints / "fingerprint").write_text(fingerprint(p, key))
+        (checkpoints / "fingerprint").write_text(expected)
         trainer = MetaTrainer(
             method, sampler, optimizer, scheduler, validate=validator(val_pool, p, dtype), val_every=p.train.val_every,
             max_episodes=budget.episodes, max_seconds=budget.seconds, checkpoint_dir=checkpoints / "state",
