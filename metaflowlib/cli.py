@@ -7,17 +7,27 @@ line `error: ...` and exit 2; only bugs show a traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
-from metaflowlib.errors import MetaflowError
+from metaflowlib.errors import Interrupted, MetaflowError
+
+
+def _terminated(number: int, frame: object) -> None:
+    raise Interrupted(f"stopped by {signal.Signals(number).name}", number)
 
 
 def run_guarded(main: Callable[[], None]) -> None:
-    """Run a command or stage: a MetaflowError becomes a one-line message and exit code 2 (128 + signal if interrupted)."""
+    """Run a command or stage: a MetaflowError becomes a one-line message and exit code 2 (128 + signal if interrupted).
+
+    SIGTERM unwinds like Ctrl-C, so an open MLflow run is ended (FAILED) instead of
+    being left RUNNING; the training loop installs its own handler to checkpoint first.
+    """
     from metaflowlib.tracking import quiet_environment
 
     quiet_environment()
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         main()
     except MetaflowError as error:

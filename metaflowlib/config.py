@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -168,8 +168,57 @@ class IMAMLParams(InitializationParams):
         return {**super().model_config_dict(image_size), "lam": self.lam, "cg_steps": self.cg_steps}
 
 
-MethodParams = Annotated[Union[ProtoNetParams, MAMLParams, ReptileParams, IMAMLParams], Field(discriminator="kind")]
-METHOD_KINDS = {"protonet", "maml", "fomaml", "reptile", "imaml"}
+class PretrainBudget(Strict):
+    """Stop at whichever limit comes first; at least one must be set."""
+
+    epochs: int | None = Field(None, ge=1)
+    seconds: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> PretrainBudget:
+        if self.epochs is None and self.seconds is None:
+            raise ValueError("a pre-training budget needs epochs or seconds")
+        return self
+
+
+class PretrainBudgets(Strict):
+    default: PretrainBudget = PretrainBudget(epochs=8, seconds=600)
+    full: PretrainBudget = PretrainBudget(epochs=40)
+
+
+class PretrainParams(Strict):
+    """Supervised many-way pre-training of a feature map (cosine classifier, learned scale; Adam)."""
+
+    batch_size: int = Field(256, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    scale: float = Field(10.0, gt=0)  # initial scale of the cosine classifier
+    budget: PretrainBudgets = PretrainBudgets()
+
+
+class ParamPredictionParams(MethodBase):
+    """Qiao et al. 2018 / Gidaris & Komodakis 2018: a frozen pre-trained feature map, a meta-trained weight predictor."""
+
+    kind: Literal["param_prediction"]
+    ways: int = Field(20, ge=2)
+    shots: int = Field(5, ge=1)
+    queries: int = Field(15, ge=1)
+    tasks_per_step: int = Field(4, ge=1)
+    hidden: int = Field(64, ge=1)
+    predictor_hidden: int = Field(256, ge=0)  # 0: a linear predictor (Qiao et al.)
+    combine_prototypes: bool = True  # w_k = phi_avg * a_k + phi(a_k) (Gidaris & Komodakis); False: w_k = phi(a_k)
+    scale: float = Field(10.0, gt=0)
+    pretrain: PretrainParams = PretrainParams()
+    budget: Budgets = Budgets(default=Budget(seconds=60), full=Budget(episodes=20000))
+
+    def model_config_dict(self, image_size: int) -> dict[str, Any]:
+        return {"hidden": self.hidden, "image_size": image_size, "predictor_hidden": self.predictor_hidden,
+                "combine_prototypes": self.combine_prototypes, "scale": self.scale}
+
+
+MethodParams = Annotated[
+    ProtoNetParams | MAMLParams | ReptileParams | IMAMLParams | ParamPredictionParams, Field(discriminator="kind")
+]
+METHOD_KINDS = {"protonet", "maml", "fomaml", "reptile", "imaml", "param_prediction"}
 
 
 class ValidationParams(Strict):
@@ -252,6 +301,11 @@ class Params(Strict):
 
     def budget(self, key: str) -> Budget:
         return getattr(self.method(key).budget, self.profile)
+
+    def pretrain(self, key: str) -> tuple[PretrainParams, PretrainBudget] | None:
+        """The method's supervised pre-training and its budget under the profile, or None if it has none."""
+        pretrain = getattr(self.method(key), "pretrain", None)
+        return None if pretrain is None else (pretrain, getattr(pretrain.budget, self.profile))
 
     @property
     def experiment(self) -> str:

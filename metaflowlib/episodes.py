@@ -26,6 +26,7 @@ class Episode:
     support_y: [T, N*K]        class-major: label of position j is j // K
     query_x:   [T, N*Q, ...]   D_i^v inputs
     query_y:   [T, N*Q]
+    embedded:  the inputs are features of a pool embedded once (by a frozen feature map)
     """
 
     support_x: Tensor
@@ -33,6 +34,7 @@ class Episode:
     query_x: Tensor
     query_y: Tensor
     ways: int
+    embedded: bool = False
 
     @property
     def tasks(self) -> int:
@@ -84,16 +86,17 @@ class TaskPool:
         self.offsets = torch.cumsum(self.counts, 0) - self.counts
         self.examples = examples[order.to(examples.device)]
         self.name = name
+        self.embedded = False
 
     @property
     def num_classes(self) -> int:
         return int(self.classes.numel())
 
     def with_examples(self, examples: Tensor) -> TaskPool:
-        """The same class layout over transformed examples (e.g. per-example features)."""
+        """The same class layout over per-example features of the examples (episodes say `embedded`)."""
         pool = object.__new__(TaskPool)
         pool.classes, pool.counts, pool.offsets, pool.name = self.classes, self.counts, self.offsets, self.name
-        pool.examples = examples
+        pool.examples, pool.embedded = examples, True
         return pool
 
     def check(self, ways: int, shots: int, queries: int) -> Tensor:
@@ -139,6 +142,7 @@ class TaskPool:
             query_x=self.examples[indices.query.to(device)],
             query_y=query_y,
             ways=indices.ways,
+            embedded=self.embedded,
         )
 
 

@@ -29,6 +29,8 @@ def flat_metrics(report: dict, train: dict) -> dict[str, float]:
     out["adaptation_ms_per_task"] = 1000 * report["adaptation_seconds_per_task"]
     for key in ("meta_train_seconds", "peak_memory_mb", "episodes_per_second", "meta_parameters"):
         out[key] = train[key]
+    if "pretrain_seconds" in train:  # a method built on a pre-trained feature map: its cost counts too
+        out["pretrain_seconds"] = train["pretrain_seconds"]
     return out
 
 

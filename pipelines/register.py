@@ -25,6 +25,9 @@ def main() -> None:
     tags = {**scores, "protocol": p.data.name, "method": mp.kind, "method_key": key, "profile": p.profile,
             "adaptation_ms_per_task": metrics["adaptation_ms_per_task"], "meta_train_seconds": metrics["meta_train_seconds"],
             "git_commit": tracking.git_commit()}
+    if "feature_map" in train:  # omega is read through a frozen feature map registered of its own
+        tags |= {"feature_map_model": train["feature_map"]["registered_name"],
+                 "feature_map_version": train["feature_map"]["registered_version"]}
     description = (f"{mp.kind} meta-knowledge (omega) trained on {p.data.name} train classes, profile '{p.profile}', "
                    f"{train['meta_train_episodes']} episodes. Test ({metrics['episodes']} tasks): {shown}.")
     model_description = mp.description or f"{mp.kind} on {p.data.name}: predict(support_images, support_labels, query_images) -> labels"

@@ -13,18 +13,17 @@ import json
 import shutil
 import sys
 
+import torch
 from _stage import PREPARED, ROOT, method_key, params, run_guarded
 
-import torch
-
 from metaflowlib import tracking
-from metaflowlib.artifacts import save_meta_knowledge
+from metaflowlib.artifacts import load_meta_knowledge, save_meta_knowledge
 from metaflowlib.config import Params
 from metaflowlib.data.store import load_info, load_pool
-from metaflowlib.errors import Interrupted
 from metaflowlib.episodes import EpisodeSampler
+from metaflowlib.errors import DataError, Interrupted
 from metaflowlib.evaluate import embed_pool, evaluate_setting
-from metaflowlib.io import atomic_path, write_json
+from metaflowlib.io import atomic_path, read_json, write_json
 from metaflowlib.methods import build_method
 from metaflowlib.runtime import resolve_device, resolve_precision, seed_everything
 from metaflowlib.serving.log import log_pyfunc_model
@@ -32,12 +31,20 @@ from metaflowlib.train import MetaTrainer, build_meta_optimizer
 
 
 def validator(pool, p: Params, dtype):
-    """omega -> accuracy on fixed validation tasks (the same tasks at every validation)."""
+    """omega -> accuracy on fixed validation tasks (the same tasks at every validation).
+
+    A frozen feature map's validation features are computed once.
+    """
     v = p.train.validation
+    cached = {}
 
     def validate(method) -> float:
         method.eval()
-        features = embed_pool(method, pool, dtype) if method.per_example_features else None
+        features = None
+        if method.per_example_features:
+            if not method.frozen_features or "features" not in cached:
+                cached["features"] = embed_pool(method, pool, dtype)
+            features = cached["features"]
         ways = method.fixed_ways or v.ways  # a fixed N-way head is validated on N-way tasks
         return evaluate_setting(method, pool, features, ways, v.shots, v.queries, v.episodes, p.seed + 1,
                                 p.evaluate.batch_tasks, dtype).accuracy
@@ -45,10 +52,11 @@ def validator(pool, p: Params, dtype):
     return validate
 
 
-def fingerprint(p: Params, key: str) -> str:
-    """Identifies what a checkpoint was trained for: resuming under other params starts afresh."""
+def fingerprint(p: Params, key: str, pretrained: dict) -> str:
+    """Identifies what a checkpoint was trained for: resuming under other params or another feature map starts afresh."""
     relevant = {"method": p.method(key).model_dump(mode="json"), "data": p.data.model_dump(mode="json"),
-                "seed": p.seed, "profile": p.profile, "train": p.train.model_dump(mode="json")}
+                "seed": p.seed, "profile": p.profile, "train": p.train.model_dump(mode="json"),
+                "pretrained": pretrained.get("weights_sha256")}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -65,14 +73,18 @@ def main() -> None:
     info = load_info(PREPARED)
     train_pool = load_pool(PREPARED, "train", p.data.image_size, device)
     val_pool = load_pool(PREPARED, "val", p.data.image_size, device)
-    sampler = EpisodeSampler(train_pool, mp.ways, mp.shots, mp.queries, mp.tasks_per_step, seed=p.seed)
     method = build_method(mp.kind, **mp.model_config_dict(p.data.image_size)).to(device)
+    pretrained = load_pretrained(method, key)
     if p.train.channels_last:
         method = method.to(memory_format=torch.channels_last)
+    if method.frozen_features:  # meta-training never moves the feature map: embed the split once
+        method.eval()
+        train_pool = embed_pool(method, train_pool, dtype)
+    sampler = EpisodeSampler(train_pool, mp.ways, mp.shots, mp.queries, mp.tasks_per_step, seed=p.seed)
     optimizer, scheduler = build_meta_optimizer(method, **mp.meta_optimizer.model_dump(exclude={"grad_clip"}))
 
     checkpoints = ROOT / "checkpoints" / key
-    expected = fingerprint(p, key)
+    expected = fingerprint(p, key, pretrained)
     run_id = resume_run_id(checkpoints, expected)
     tracking.configure(p.mlflow.tracking_uri)
     experiment = tracking.experiment_id(p.experiment, str(ROOT / p.mlflow.artifact_location))
@@ -102,7 +114,12 @@ def main() -> None:
         costs = {"meta_train_seconds": result.seconds, "meta_train_episodes": result.episodes,
                  "episodes_per_second": result.episodes_per_second, "peak_memory_mb": result.peak_memory_mb,
                  "best_val_accuracy": result.best_val_accuracy, "best_episode": result.best_episode,
-                 "meta_parameters": sum(t.numel() for t in method.parameters())}
+                 "meta_parameters": sum(t.numel() for t in method.parameters() if t.requires_grad)}
+        feature_map = {}
+        if pretrained.get("pretrained"):
+            costs["pretrain_seconds"] = pretrained["pretrain_seconds"]
+            feature_map = {"feature_map": {k: pretrained[k] for k in ("registered_name", "registered_version", "run_id", "weights_sha256")}}
+            mlflow.set_tags({"feature_map_model": pretrained["registered_name"], "feature_map_version": pretrained["registered_version"]})
         mlflow.log_metrics(costs)
         mlflow.set_tag("memory_kind", result.memory_kind)
         omega_dir = save_meta_knowledge(method, ROOT / "models" / key, extra={
@@ -110,10 +127,23 @@ def main() -> None:
         model_uri = log_pyfunc_model(omega_dir, ways=method.fixed_ways or 2)
         write_curve(ROOT / "metrics" / key / "train_curve.csv", result.history)
         write_json(ROOT / "runs" / key / "train.json", {"run_id": run.info.run_id, "experiment_id": experiment,
-                                                        "model_uri": model_uri, "memory_kind": result.memory_kind, **costs})
+                                                        "model_uri": model_uri, "memory_kind": result.memory_kind, **costs, **feature_map})
     shutil.rmtree(checkpoints, ignore_errors=True)
     print(f"train@{key}: {result.episodes} episodes in {result.seconds:.0f}s ({result.episodes_per_second:.2f} ep/s), "
           f"best val {result.best_val_accuracy:.4f}; omega in models/{key}/, MLflow run {run.info.run_id}")
+
+
+def load_pretrained(method, key: str) -> dict:
+    """Load the `pretrain@<key>` feature map into a method that starts from one; its record (or {})."""
+    if method.pretrained_module is None:
+        return {}
+    record_path = ROOT / "runs" / key / "pretrain.json"
+    if not record_path.is_file() or not read_json(record_path).get("pretrained"):
+        raise DataError(f"{method.kind} starts from a pre-trained {method.pretrained_module}, and pretrained/{key} has none: "
+                        f"run `dvc repro pretrain@{key}` (and check that methods.{key} has a pretrain block)")
+    embedding, _ = load_meta_knowledge(ROOT / "pretrained" / key)
+    getattr(method, method.pretrained_module).load_state_dict(embedding.embedding.state_dict())
+    return read_json(record_path)
 
 
 def resume_run_id(checkpoints, expected: str) -> str | None:

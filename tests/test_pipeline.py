@@ -8,7 +8,6 @@ import mlflow
 import numpy as np
 import pytest
 import yaml
-
 from conftest import ROOT
 
 pytestmark = pytest.mark.integration
@@ -32,7 +31,9 @@ def project(tmp_path_factory, shared_data):
     method.update(ways=20, shots=5, queries=5)
     method["budget"]["default"] = {"episodes": 40}
     params["methods"] = {"protonet": method, "fomaml": {"kind": "fomaml", "tasks_per_step": 4, "queries": 5,
-                                                        "budget": {"default": {"episodes": 20}}}}
+                                                        "budget": {"default": {"episodes": 20}}},
+                         "param_prediction": {"kind": "param_prediction", "queries": 5, "budget": {"default": {"episodes": 20}},
+                                              "pretrain": {"budget": {"default": {"seconds": 3}}}}}
     params["train"].update(val_every=20, validation={"ways": 5, "shots": 1, "queries": 5, "episodes": 50})
     params["evaluate"].update(episodes=100, timing_tasks=5, shots_curve=[1, 5])
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -63,6 +64,15 @@ def test_dvc_repro_trains_evaluates_registers_and_serves(project):
     assert fomaml["episodes_digest"]["5w1s"] == metrics["episodes_digest"]["5w1s"]  # the same tasks as ProtoNet
     assert "register@fomaml: omniglot-vinyals-fomaml version 1; promoted" in first.stdout
 
+    assert "pretrain@protonet: protonet starts from no pre-trained module; nothing to do" in first.stdout
+    assert "registered omniglot-vinyals-param_prediction-embedding version 1" in first.stdout
+    predictor = yaml.safe_load((root / "metrics" / "param_prediction" / "eval.json").read_text())
+    assert predictor["acc_5w1s"] > 0.4 and predictor["pretrain_seconds"] > 0  # chance is 0.2
+    assert predictor["episodes_digest"] == metrics["episodes_digest"]
+    report = (root / "reports" / "methods.md").read_text()
+    assert all(f"| {key} (" in report for key in ("protonet", "fomaml", "param_prediction"))
+    assert (root / "reports" / "shots_curve.png").read_bytes()[:4] == b"\x89PNG"
+
     second = dvc(root, env, "repro")
     assert second.returncode == 0 and "Data and pipelines are up to date" in second.stdout
 
@@ -73,6 +83,9 @@ def test_dvc_repro_trains_evaluates_registers_and_serves(project):
     assert run.data.tags["method"] == "protonet" and run.data.params["method.ways"] == "20"
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")
     assert [m.step for m in history] == [20, 40]
+    version = mlflow.MlflowClient().get_model_version("omniglot-vinyals-param_prediction", "1")
+    assert version.tags["feature_map_model"] == "omniglot-vinyals-param_prediction-embedding"
+    assert version.tags["feature_map_version"] == "1"
 
     model = mlflow.pyfunc.load_model("models:/omniglot-vinyals-protonet@production")
     from metaflowlib.data.store import load_split
@@ -98,6 +111,7 @@ def test_dvc_exp_run_sweeps_a_param(project):
     result = dvc(root, env, "exp", "run", "-S", "evaluate.timing_tasks=4")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Running stage 'evaluate@protonet'" in result.stdout and "Running stage 'train@protonet'" not in result.stdout
+    assert "Running stage 'pretrain@param_prediction'" not in result.stdout
     assert "omniglot-vinyals-protonet version 2" in result.stdout and "omniglot-vinyals-fomaml version 2" in result.stdout
     shown = dvc(root, env, "exp", "show", "--csv")
     assert shown.returncode == 0 and "evaluate.timing_tasks" in shown.stdout

@@ -5,10 +5,11 @@ from __future__ import annotations
 from metaflowlib.methods.base import MetaLearner, StepStats
 from metaflowlib.methods.imaml import IMAML
 from metaflowlib.methods.maml import FOMAML, MAML
+from metaflowlib.methods.param_prediction import ParameterPredictor
 from metaflowlib.methods.protonet import ProtoNet
 from metaflowlib.methods.reptile import Reptile
 
-METHODS: dict[str, type[MetaLearner]] = {cls.kind: cls for cls in (ProtoNet, MAML, FOMAML, Reptile, IMAML)}
+METHODS: dict[str, type[MetaLearner]] = {cls.kind: cls for cls in (ProtoNet, MAML, FOMAML, Reptile, IMAML, ParameterPredictor)}
 
 
 def build_method(kind: str, **config) -> MetaLearner:
@@ -20,4 +21,4 @@ def build_method(kind: str, **config) -> MetaLearner:
     return cls(**config)
 
 
-__all__ = ["METHODS", "MetaLearner", "StepStats", "build_method", "ProtoNet", "MAML", "FOMAML", "Reptile", "IMAML"]
+__all__ = ["FOMAML", "IMAML", "MAML", "METHODS", "MetaLearner", "ParameterPredictor", "ProtoNet", "Reptile", "StepStats", "build_method"]

@@ -41,10 +41,19 @@ class MetaLearner(nn.Module, ABC):
     prediction) set `per_example_features = True` and implement `features`: the
     evaluation protocol then embeds a whole split once and builds every task
     from the cached features.
+
+    A method whose `features` come from a feature map that meta-training
+    leaves fixed sets `frozen_features = True`: the training loop then embeds
+    the training split once and samples episodes of features. A method that
+    starts from a supervised pre-trained module names it in `pretrained_module`
+    (the `pretrain@` stage trains it, `train@` loads it).
     """
 
     kind: ClassVar[str]
     per_example_features: ClassVar[bool] = False
+    frozen_features: ClassVar[bool] = False
+    pretrained_module: ClassVar[str | None] = None
+    transductive: ClassVar[bool] = False  # True: predictions use statistics of the whole query batch (BatchNorm)
     autocast_safe: ClassVar[bool] = True  # False: always fp32 (e.g. second derivatives through an inner loop)
 
     def __init__(self, **config: Any) -> None:
@@ -79,10 +88,11 @@ class MetaLearner(nn.Module, ABC):
     def meta_loss(self, episode: Episode) -> tuple[Tensor, Tensor]:
         """Mean query cross-entropy after adaptation, and the query logits.
 
-        Per-example methods embed support and query in one forward pass.
+        Per-example methods embed support and query in one forward pass
+        (unless the episode was drawn from an already embedded pool).
         """
         t, s = episode.support_x.shape[:2]
-        if self.per_example_features:
+        if self.per_example_features and not episode.embedded:
             both = torch.cat([episode.support_x, episode.query_x], dim=1)
             z = self.features(both.flatten(0, 1)).unflatten(0, (t, -1))
             support_z, query_z = z[:, :s], z[:, s:]

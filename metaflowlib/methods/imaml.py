@@ -11,7 +11,7 @@ does not grow with the number of inner steps: nothing backpropagates through the
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,12 @@ from torch.func import functional_call, grad, jvp
 
 from metaflowlib.episodes import Episode
 from metaflowlib.methods.base import StepStats, accuracy
-from metaflowlib.methods.inner_loop import InitializationLearner, Params, Vectorize, map_tasks
+from metaflowlib.methods.inner_loop import (
+    InitializationLearner,
+    Params,
+    Vectorize,
+    map_tasks,
+)
 
 
 class IMAML(InitializationLearner):

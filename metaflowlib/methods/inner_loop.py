@@ -17,7 +17,8 @@ its second derivatives are correct under vmap (see models/batchnorm.py).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -141,6 +142,7 @@ class InitializationLearner(MetaLearner):
     """
 
     autocast_safe = False
+    transductive = True  # BatchNorm normalizes with each task's own batch statistics
 
     def __init__(
         self,

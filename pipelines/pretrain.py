@@ -1,0 +1,104 @@
+"""Stage `pretrain@<method>`: supervised pre-training of the feature map a method starts from.
+
+For a method with a `pretrain` block (parameter prediction): train its feature
+map as a many-way classifier over the training classes, keep the one with the
+best nearest-centroid validation accuracy, and save it as meta-knowledge of
+its own: an embedding, stored as a cosine ProtoNet omega (so it is evaluated,
+served and registered like any method) under `<registered name>-embedding`.
+For the other methods there is nothing to do, and the stage says so.
+
+Outputs: pretrained/<key>/ (the embedding omega, or `none.json`), runs/<key>/pretrain.json.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from _stage import PREPARED, ROOT, method_key, params, run_guarded
+
+from metaflowlib import registry, tracking
+from metaflowlib.artifacts import save_meta_knowledge
+from metaflowlib.data.store import load_pool
+from metaflowlib.evaluate import embed_pool, evaluate_setting
+from metaflowlib.io import WEIGHTS_FILE, atomic_path, sha256_file, write_json
+from metaflowlib.methods import ProtoNet, build_method
+from metaflowlib.models import conv4_output_dim
+from metaflowlib.pretrain import pretrain_feature_map
+from metaflowlib.runtime import resolve_device, resolve_precision, seed_everything
+from metaflowlib.serving.log import log_pyfunc_model
+
+
+def main() -> None:
+    import mlflow
+
+    p, key = params(), method_key()
+    mp = p.method(key)
+    out_dir = ROOT / "pretrained" / key
+    record = ROOT / "runs" / key / "pretrain.json"
+    if p.pretrain(key) is None:
+        with atomic_path(out_dir, is_dir=True) as tmp:
+            tmp.mkdir()
+            (tmp / "none.json").write_text(json.dumps({"method": key, "pretrained": False}) + "\n")
+        write_json(record, {"pretrained": False})
+        print(f"pretrain@{key}: {mp.kind} starts from no pre-trained module; nothing to do")
+        return
+    pretrain, budget = p.pretrain(key)
+    device = resolve_device(p.device)
+    dtype = resolve_precision(p.train.precision, device)
+    seed_everything(p.seed)
+    method = build_method(mp.kind, **mp.model_config_dict(p.data.image_size))
+    config = method.config()
+    embedding = ProtoNet(in_channels=config["in_channels"], hidden=config["hidden"], distance="cosine").to(device)
+    if p.train.channels_last:
+        embedding = embedding.to(memory_format=torch.channels_last)
+    train_pool = load_pool(PREPARED, "train", p.data.image_size, device)
+    val_pool = load_pool(PREPARED, "val", p.data.image_size, device)
+    v = p.train.validation
+
+    def validate() -> float:
+        """Nearest-centroid (cosine) accuracy on the fixed validation tasks."""
+        features = embed_pool(embedding, val_pool, dtype)
+        return evaluate_setting(embedding, val_pool, features, v.ways, v.shots, v.queries, v.episodes, p.seed + 1,
+                                p.evaluate.batch_tasks, dtype).accuracy
+
+    tracking.configure(p.mlflow.tracking_uri)
+    experiment = tracking.experiment_id(p.experiment, str(ROOT / p.mlflow.artifact_location))
+    tags = {"method": mp.kind, "method_key": key, "stage": f"pretrain@{key}", "profile": p.profile, "dataset": p.data.name,
+            **tracking.system_tags(device)}
+    name = f"{p.registered_name(key)}-embedding"
+    with mlflow.start_run(experiment_id=experiment, run_name=f"{key}-pretrain", tags=tags) as run:
+        mlflow.log_params(tracking.flatten_params({"pretrain": pretrain.model_dump(mode="json"), "seed": p.seed,
+                                                   "profile": p.profile, "budget": budget.model_dump(mode="json")}))
+        result = pretrain_feature_map(
+            embedding.embedding, train_pool, dim=conv4_output_dim(p.data.image_size, config["hidden"]),
+            batch_size=pretrain.batch_size, lr=pretrain.lr, scale=pretrain.scale, max_epochs=budget.epochs,
+            max_seconds=budget.seconds, validate=validate, seed=p.seed, precision=dtype,
+            log=tracking.MetricLogger(run.info.run_id), progress=p.train.progress != "off",
+        )
+        costs = {"pretrain_seconds": result.seconds, "pretrain_epochs": result.epochs, "pretrain_steps": result.steps,
+                 "pretrain_peak_memory_mb": result.peak_memory_mb, "pretrain_best_val_accuracy": result.best_val_accuracy}
+        mlflow.log_metrics(costs)
+        omega_dir = save_meta_knowledge(embedding, out_dir, extra={
+            "image_size": p.data.image_size, "method_key": key, "dataset": p.data.name, "run_id": run.info.run_id,
+            "role": f"frozen feature map of {key}"})
+        model_uri = log_pyfunc_model(omega_dir)
+        weights_sha256 = sha256_file(omega_dir / WEIGHTS_FILE)
+        version = registry.register(
+            model_uri, name,
+            tags={"method": "protonet", "role": "feature_map", "feature_map_of": key, "profile": p.profile,
+                  "val_accuracy_nearest_centroid": result.best_val_accuracy, "weights_sha256": weights_sha256,
+                  "git_commit": tracking.git_commit()},
+            description=(f"Conv-4 feature map pre-trained by {p.data.name} many-way classification ({result.epochs:.1f} epochs, "
+                         f"{result.seconds:.0f}s); frozen inside {key}. As a cosine nearest-centroid classifier: "
+                         f"val {v.ways}w{v.shots}s {100 * result.best_val_accuracy:.2f}%."),
+            model_description=f"the embedding that {key} predicts classifier weights from",
+        )
+    write_json(record, {"pretrained": True, "run_id": run.info.run_id, "model_uri": model_uri, "registered_name": name,
+                        "registered_version": version.version, "weights_sha256": weights_sha256, **costs})
+    print(f"pretrain@{key}: {result.epochs:.1f} epochs in {result.seconds:.0f}s, val nearest-centroid "
+          f"{100 * result.best_val_accuracy:.2f}%; pretrained/{key}/, registered {name} version {version.version}")
+
+
+if __name__ == "__main__":
+    run_guarded(main)
