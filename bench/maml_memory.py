@@ -13,6 +13,13 @@ episode already resident):
 - CPU:  resource.getrusage(RUSAGE_SELF).ru_maxrss delta (peak resident set size of the
         process, KiB on Linux): what the OS had to provide, allocator slack included.
 Writes results.json (device, torch version, every number) and memory.png.
+
+    python bench/maml_memory.py --log-mlflow bench/results/maml_memory_cpu
+
+logs a results folder (the table, the plot, one metric per method and inner-step
+count) as a run of the MLflow experiment `benchmarks` ($MLFLOW_TRACKING_URI, else
+the project's sqlite:///mlflow.db); it measures nothing, so committed results from a
+GPU machine without MLflow can be logged here.
 """
 
 from __future__ import annotations
@@ -130,10 +137,33 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def log_mlflow(folder: Path) -> None:
+    """One MLflow run per results folder: table and plot as artifacts, peak MiB and ms per meta-step as metrics."""
+    import os
+
+    import mlflow
+
+    results = json.loads((folder / "results.json").read_text())
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    mlflow.set_experiment("benchmarks")
+    with mlflow.start_run(run_name=f"maml_memory-{results['device_type']}",
+                          tags={"benchmark": "maml_memory", "device": results["device"], "torch": results["torch"]}) as run:
+        mlflow.log_params({"tasks": results["shape"]["tasks"], "threads": results["threads"], "memory_measure": results["memory_measure"]})
+        for r in results["runs"]:
+            mlflow.log_metric(f"peak_mib_{r['method']}", r["peak_bytes"] / 2**20, step=r["inner_steps"])
+            mlflow.log_metric(f"ms_per_meta_step_{r['method']}", 1e3 * r["seconds_per_step"], step=r["inner_steps"])
+        ratio = results["vmap_vs_loop"]
+        mlflow.log_metrics({"time_ratio_vmap_over_loop": ratio["time_ratio_vmap_over_loop"],
+                            "memory_ratio_vmap_over_loop": ratio["memory_ratio_vmap_over_loop"]})
+        mlflow.log_artifacts(str(folder), artifact_path="maml_memory")
+    print(f"logged {folder} as MLflow run {run.info.run_id} (experiment 'benchmarks')")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, required="--worker" not in sys.argv)
+    parser.add_argument("--out", type=Path, required="--worker" not in sys.argv and "--log-mlflow" not in sys.argv)
+    parser.add_argument("--log-mlflow", type=Path, metavar="FOLDER", help="log a results folder to MLflow, measure nothing")
     parser.add_argument("--tasks", type=int, help="meta-batch size (default: 32 on CUDA, 4 on CPU)")
     parser.add_argument("--repeats", type=int, default=3, help="timed meta-steps after one warm-up step")
     parser.add_argument("--inner-steps", type=int, nargs="+", default=list(INNER_STEPS))
@@ -146,6 +176,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(measure(**json.loads(args.worker))))
+        return
+    if args.log_mlflow:
+        log_mlflow(args.log_mlflow)
         return
 
     tasks = args.tasks or (32 if args.device.startswith("cuda") else 4)

@@ -44,6 +44,11 @@ def _seconds(value: float | None) -> str:
     return "—" if value is None else f"{value:.0f}"
 
 
+def _memory(train: dict[str, Any]) -> str:
+    meta = f"{train.get('peak_memory_mb', 0):.0f}"
+    return f"{train['pretrain_peak_memory_mb']:.0f} / {meta}" if "pretrain_peak_memory_mb" in train else meta
+
+
 def variant(record: MethodRecord) -> str:
     """What a reader must know to read the numbers (which variant, transductive or not)."""
     notes = []
@@ -73,14 +78,14 @@ def markdown(records: list[MethodRecord], settings: list[str], profile: str, dev
         lines.append(f"| {r.key} | " + " | ".join(_pct(curve.get(k)) for k in shots) + " |")
     lines += ["", ("Cost of meta-training and adaptation (peak memory: the training process's peak RSS on CPU, "
               "allocator peak on CUDA):"), "",
-              ("| method | pre-training s | episodic meta-training s | total s | episodes | trainable omega | peak memory MiB "
-              "| adaptation ms/task |"), "|---|---|---|---|---|---|---|---|"]
+              ("| method | pre-training s | episodic meta-training s | total s | episodes | trainable omega "
+               "| peak memory MiB (pre-training / meta-training) | adaptation ms/task |"), "|---|---|---|---|---|---|---|---|"]
     for r in records:
         pre = r.train.get("pretrain_seconds")
         meta = r.train.get("meta_train_seconds")
         total = (pre or 0) + (meta or 0)
         lines.append(f"| {r.key} | {_seconds(pre)} | {_seconds(meta)} | {_seconds(total)} | {r.train.get('meta_train_episodes', '—')} "
-                     f"| {r.train.get('meta_parameters', '—'):,} | {r.train.get('peak_memory_mb', 0):.0f} "
+                     f"| {r.train.get('meta_parameters', '—'):,} | {_memory(r.train)} "
                      f"| {r.metrics.get('adaptation_ms_per_task', float('nan')):.2f} |")
     return "\n".join(lines) + "\n"
 

@@ -117,7 +117,7 @@ def main() -> None:
                  "meta_parameters": sum(t.numel() for t in method.parameters() if t.requires_grad)}
         feature_map = {}
         if pretrained.get("pretrained"):
-            costs["pretrain_seconds"] = pretrained["pretrain_seconds"]
+            costs |= {k: pretrained[k] for k in ("pretrain_seconds", "pretrain_peak_memory_mb")}
             feature_map = {"feature_map": {k: pretrained[k] for k in ("registered_name", "registered_version", "run_id", "weights_sha256")}}
             mlflow.set_tags({"feature_map_model": pretrained["registered_name"], "feature_map_version": pretrained["registered_version"]})
         mlflow.log_metrics(costs)

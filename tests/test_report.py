@@ -16,7 +16,7 @@ def records() -> list[MethodRecord]:
                         {"meta_train_seconds": 181.0, "meta_train_episodes": 91, "meta_parameters": 112261, "peak_memory_mb": 3945.0})
     predictor = MethodRecord("pp", "param_prediction", {"predictor_hidden": 256, "combine_prototypes": True},
                              {"acc_5w1s": 0.97, "ci95_5w1s": 0.002, "curve_acc_5w1s": 0.97, "adaptation_ms_per_task": 0.8},
-                             {"meta_train_seconds": 60.0, "pretrain_seconds": 300.0, "meta_train_episodes": 900,
+                             {"meta_train_seconds": 60.0, "pretrain_seconds": 300.0, "pretrain_peak_memory_mb": 1481.0, "meta_train_episodes": 900,
                               "meta_parameters": 33000, "peak_memory_mb": 1200.0})
     return [proto, maml, predictor]
 
@@ -28,7 +28,7 @@ def test_tables_show_each_method_its_variant_and_costs():
     assert "| maml (maml) | 1 test step(s), alpha 0.4; transductive BN | 88.90 ± 0.50 | — |" in lines  # 5-way head: no 20-way score
     assert "| pp (param_prediction) | phi MLP(256) + prototype term; non-transductive | 97.00 ± 0.20 | — |" in lines
     assert "| protonet | 97.70 | 99.50 | 99.60 |" in lines and "| maml | 88.90 | 94.10 | — |" in lines
-    assert "| pp | 300 | 60 | 360 | 900 | 33,000 | 1200 | 0.80 |" in lines
+    assert "| pp | 300 | 60 | 360 | 900 | 33,000 | 1481 / 1200 | 0.80 |" in lines
     assert "| protonet | — | 600 | 600 | 2685 | 111,936 | 1473 | 0.90 |" in lines
 
 
