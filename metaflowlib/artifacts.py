@@ -18,8 +18,16 @@ from safetensors.torch import save_file
 
 from metaflowlib import __version__
 from metaflowlib.errors import DataError
-from metaflowlib.io import CONFIG_FILE, WEIGHTS_FILE, atomic_path, load_tensors, read_tensor_dir, write_tensor_dir
+from metaflowlib.io import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    atomic_path,
+    load_tensors,
+    read_tensor_dir,
+    write_tensor_dir,
+)
 from metaflowlib.methods import METHODS, MetaLearner, build_method
+
 
 def save_meta_knowledge(method: MetaLearner, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write omega; `extra` carries what serving needs (image size, lineage)."""
@@ -77,9 +85,12 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path) -> None:
 
 
 def load_checkpoint(directory: str | Path) -> dict[str, Any] | None:
-    """The saved state, or None when no checkpoint exists."""
+    """The saved state, or None when no checkpoint exists; a damaged one is a DataError, never unpickled."""
     directory = Path(directory)
     if not (directory / "state.json").is_file():
         return None
     tensors = load_tensors(directory / "state.safetensors")
-    return _unflatten(json.loads((directory / "state.json").read_text()), tensors)
+    try:
+        return _unflatten(json.loads((directory / "state.json").read_text()), tensors)
+    except (json.JSONDecodeError, KeyError) as error:
+        raise DataError(f"checkpoint {directory} is damaged ({type(error).__name__}: {error}); delete it to start afresh") from None

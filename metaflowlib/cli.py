@@ -7,6 +7,7 @@ line `error: ...` and exit 2; only bugs show a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -39,12 +40,22 @@ def run_guarded(main: Callable[[], None]) -> None:
 
 
 def _configure(args: argparse.Namespace):
-    """Load params (for the tracking URI and gate metric) and point MLflow at the store."""
+    """Load params (for the tracking URI and gate metric) and open the MLflow store: --tracking-uri, else
+    $MLFLOW_TRACKING_URI, else params. A store MLflow cannot open is one error naming the URI."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
     from metaflowlib import tracking
     from metaflowlib.config import load_params
 
     params = load_params(args.params)
-    tracking.configure(args.tracking_uri or params.mlflow.tracking_uri)
+    if args.tracking_uri:  # tracking.configure lets the environment win over its argument; the flag must win over both
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    uri = tracking.configure(params.mlflow.tracking_uri)
+    try:
+        MlflowClient()
+    except (MlflowException, ImportError) as error:  # e.g. a bare path (the retired file store), a missing DB driver
+        raise MetaflowError(f"cannot open the MLflow store {uri!r}: {str(error).splitlines()[0]}") from None
     return params
 
 
@@ -111,12 +122,12 @@ def parser() -> argparse.ArgumentParser:
     models.add_parser("list", help="every model with versions, aliases and gate metric").set_defaults(func=cmd_models_list)
     show = models.add_parser("show", help="one version (default: production) with its tags")
     show.add_argument("name")
-    show.add_argument("version", nargs="?")
+    show.add_argument("version", nargs="?", help="a version number or @alias")
     show.set_defaults(func=cmd_models_show)
 
     promote = commands.add_parser("promote", help="move 'production' to a version that beats the current one")
     promote.add_argument("name")
-    promote.add_argument("version")
+    promote.add_argument("version", help="a version number or @alias")
     promote.add_argument("--force", action="store_true", help="promote even if it does not beat production")
     promote.add_argument("--metric", help="gate metric (default: params registry.gate_metric)")
     promote.set_defaults(func=cmd_promote)

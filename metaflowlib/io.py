@@ -8,8 +8,10 @@ import json
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -30,6 +32,30 @@ def atomic_path(target: str | os.PathLike, *, is_dir: bool = False) -> Iterator[
         os.replace(work, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, timeout: float) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing), waiting at most `timeout` seconds (then TimeoutError).
+
+    The kernel drops the lock when its holder exits, so a killed process leaves no stale lock behind.
+    """
+    import fcntl
+
+    deadline = time.monotonic() + timeout
+    with open(path, "a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"{path} is still locked after {timeout:.0f}s") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

@@ -5,20 +5,32 @@ beats the current production version on the same protocol (or `force`), and
 only after the candidate's artifacts load and answer a predict call. The
 previous production versions are kept in the registered model's
 `production_history` tag, so `rollback` is one command.
+
+Promote and rollback read production, check, then write the history tag and
+the alias: on a local SQLite store they hold a file lock next to the
+database, so two at once run one after the other (the second sees the
+first's result). Other stores get a re-check of production just before the
+write, which narrows the race but cannot close it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from metaflowlib.errors import RegistryError
+from metaflowlib.io import file_lock
 
 ALIAS = "production"
 HISTORY_TAG = "production_history"
+GATE_TAG = "gate_metric"  # a version tag naming the metric that version is gated on, when not the params' one
+LOCK_SECONDS = 300.0  # a promote's load check takes seconds; a lock held longer means something is stuck
 
 
 @dataclass(frozen=True)
@@ -58,13 +70,21 @@ def _require_model(name: str):
 
 
 def get_version(name: str, version: str | int) -> VersionInfo:
+    """A version by number, or by alias as `@alias`; an unknown or deleted one names what exists."""
     from mlflow.exceptions import MlflowException
 
     client = _require_model(name)
+    reference = str(version)
     try:
-        return _info(client.get_model_version(name, str(version)))
+        if reference.startswith("@"):
+            return _info(client.get_model_version_by_alias(name, reference[1:]))
+        return _info(client.get_model_version(name, reference))
     except MlflowException:
-        raise RegistryError(f"registered model {name!r} has no version {version}") from None
+        model = client.get_registered_model(name)
+        if reference.startswith("@"):
+            raise RegistryError(f"registered model {name!r} has no alias {reference[1:]!r} (aliases: {sorted(model.aliases or {})})") from None
+        numbers = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        raise RegistryError(f"registered model {name!r} has no version {reference} (never registered, or deleted; versions: {numbers})") from None
 
 
 def get_alias(name: str, alias: str = ALIAS) -> VersionInfo | None:
@@ -84,9 +104,10 @@ def register(model_uri: str, name: str, tags: dict[str, Any], description: str, 
 
     client = _client()
     try:
-        client.get_registered_model(name)
-    except MlflowException:
         client.create_registered_model(name, description=model_description)
+    except MlflowException as error:  # registered before, or by a concurrent run a moment ago
+        if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
     version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
     client.update_model_version(name, version.version, description=description)
     client.update_registered_model(name, description=model_description)
@@ -109,6 +130,16 @@ def list_models() -> list[dict[str, Any]]:
     return out
 
 
+# input key of a stored example -> (output key, the shape that output must have): a few-shot model labels a
+# task's queries, a classifier (metaflowlib.tta) a batch of images, a learned optimizer (metaflowlib.optim)
+# answers a gradient sequence with one update per coordinate and step
+SMOKE_CONTRACTS = {
+    "query_images": ("labels", lambda x: (len(x),)),
+    "images": ("labels", lambda x: (len(x),)),
+    "gradients": ("updates", lambda x: x.shape),
+}
+
+
 def smoke_test(name: str, version: str) -> None:
     """Load the version through pyfunc and answer its stored input example; raise if anything fails."""
     import mlflow.pyfunc
@@ -117,11 +148,15 @@ def smoke_test(name: str, version: str) -> None:
         model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
         example = model.input_example
         if not isinstance(example, dict):
-            raise ValueError("the model has no stored input example task")
-        labels = np.asarray(model.predict(example)["labels"])
-        if labels.shape != (len(example["query_images"]),):
-            raise ValueError(f"predict returned labels of shape {labels.shape}")
-    except Exception as error:  # any failure to load or answer means the version must not serve
+            raise TypeError("the model has no stored input example task")
+        key = next((k for k in SMOKE_CONTRACTS if k in example), None)
+        if key is None:
+            raise ValueError(f"the stored input example has none of {', '.join(SMOKE_CONTRACTS)}")
+        output, expected_shape = SMOKE_CONTRACTS[key]
+        answer = np.asarray(model.predict(example)[output])
+        if answer.shape != expected_shape(np.asarray(example[key])):
+            raise ValueError(f"predict returned {output} of shape {answer.shape}")
+    except Exception as error:  # noqa: BLE001 - any failure to load or answer means the version must not serve
         raise RegistryError(f"{name} version {version} failed its load check, production not moved: {error}") from None
 
 
@@ -130,9 +165,49 @@ def _history(name: str) -> list[str]:
     return json.loads(tags.get(HISTORY_TAG, "[]"))
 
 
+@contextlib.contextmanager
+def _exclusive() -> Iterator[None]:
+    """Serialize promote/rollback on a local SQLite store (a lock file beside the database); elsewhere a no-op."""
+    import mlflow
+
+    uri = mlflow.get_registry_uri()
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(uri.removeprefix("sqlite:///")).expanduser().resolve()
+    lock = database.with_name(database.name + ".registry.lock")
+    try:
+        with file_lock(lock, LOCK_SECONDS):
+            yield
+    except TimeoutError:
+        raise RegistryError(f"another promote or rollback has held {lock} for over {LOCK_SECONDS:.0f}s; production not moved") from None
+
+
+def _move_production(name: str, expected: VersionInfo | None, version: str, history: list[str]) -> None:
+    """Point the alias at `version` and store `history`, if production is still `expected` (a concurrent change
+    on a store without a lock is refused, not overwritten). A history that grows is written before the alias,
+    one that shrinks after it: a crash between the two never loses the way back, at worst a rollback is a no-op."""
+    now = get_alias(name)
+    if (now.version if now else None) != (expected.version if expected else None):
+        raise RegistryError(f"{name} {ALIAS} moved to v{now.version if now else 'none'} while this command ran; production not moved, run it again")
+    client = _client()
+    grows = len(history) > len(_history(name))
+    if grows:
+        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    client.set_registered_model_alias(name, ALIAS, version)
+    if not grows:
+        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+
+
 def promote(name: str, version: str | int, gate_metric: str, force: bool = False) -> str:
     """Move `production` to `version` if it beats the current one on `gate_metric`; returns what was done."""
+    with _exclusive():
+        return _promote(name, version, gate_metric, force)
+
+
+def _promote(name: str, version: str | int, gate_metric: str, force: bool) -> str:
     candidate = get_version(name, version)
+    gate_metric = gate_metric_of(candidate, gate_metric)
     current = get_alias(name)
     if current is not None and current.version == candidate.version:
         return f"{name} version {candidate.version} is already {ALIAS}"
@@ -150,10 +225,7 @@ def promote(name: str, version: str | int, gate_metric: str, force: bool = False
                 f"production v{current.version}'s {_fmt(old_value)} (use --force to override)"
             )
     smoke_test(name, candidate.version)
-    client = _client()
-    if current is not None:
-        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(_history(name) + [current.version]))
-    client.set_registered_model_alias(name, ALIAS, candidate.version)
+    _move_production(name, current, candidate.version, _history(name) + ([current.version] if current else []))
     before = f"v{current.version} ({gate_metric} {_fmt(current.metric(gate_metric))})" if current else "none"
     forced = " (forced)" if force and current is not None else ""
     return f"promoted {name} v{candidate.version} ({gate_metric} {_fmt(new_value)}) to {ALIAS}{forced}; previous: {before}"
@@ -161,27 +233,46 @@ def promote(name: str, version: str | int, gate_metric: str, force: bool = False
 
 def rollback(name: str) -> str:
     """Point `production` back at the version it replaced last."""
+    with _exclusive():
+        return _rollback(name)
+
+
+def _rollback(name: str) -> str:
+    current = get_alias(name)  # first: it names an unknown model
     history = _history(name)
-    current = get_alias(name)
     if not history:
         raise RegistryError(f"{name} has no previous {ALIAS} version to roll back to")
     previous = history.pop()
-    get_version(name, previous)
+    try:
+        get_version(name, previous)
+    except RegistryError as error:
+        raise RegistryError(f"cannot roll {name} back to v{previous}, the version production replaced: {error}") from None
     smoke_test(name, previous)
-    client = _client()
-    client.set_registered_model_alias(name, ALIAS, previous)
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    _move_production(name, current, previous, history)
     return f"rolled {name} {ALIAS} back from v{current.version if current else '?'} to v{previous}"
+
+
+def gate_metric_of(version: VersionInfo, requested: str) -> str:
+    """`requested` where the version records it; else the metric its `gate_metric` tag names (a TTA
+    classifier is gated on clean accuracy, not on a few-shot setting); else `requested`."""
+    return requested if requested in version.tags else version.tags.get(GATE_TAG, requested)
+
+
+def require_production(name: str) -> VersionInfo:
+    """The production version of `name`; a message saying how to promote one if there is none."""
+    current = get_alias(name)
+    if current is None:
+        raise RegistryError(
+            f"{name} has no '{ALIAS}' version; promote one with `metaflowlib promote {name} <version>`"
+        )
+    return current
 
 
 def load_production(name: str):
     """The production pyfunc model of `name`; a clear message if none is promoted."""
     import mlflow.pyfunc
 
-    if get_alias(name) is None:
-        raise RegistryError(
-            f"{name} has no '{ALIAS}' version; promote one with `metaflowlib promote {name} <version>`"
-        )
+    require_production(name)
     return mlflow.pyfunc.load_model(f"models:/{name}@{ALIAS}")
 
 

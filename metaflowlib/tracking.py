@@ -47,6 +47,11 @@ def configure(tracking_uri: str) -> str:
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if uri.startswith("sqlite:///"):  # a new store's schema is created once, not by two processes at the same time
+        from metaflowlib.io import file_lock
+
+        with file_lock(f"{Path(uri.removeprefix('sqlite:///')).expanduser()}.init.lock", timeout=300):
+            mlflow.MlflowClient().search_experiments(max_results=1)
     return uri
 
 
@@ -65,6 +70,7 @@ def check_reachable(uri: str) -> None:
 def experiment_id(name: str, artifact_location: str) -> str:
     """The experiment's id, created with artifacts under the project for local stores."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
@@ -72,7 +78,12 @@ def experiment_id(name: str, artifact_location: str) -> str:
     location = None
     if not mlflow.get_tracking_uri().startswith(("http://", "https://")):
         location = Path(artifact_location).resolve().as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return mlflow.get_experiment_by_name(name).experiment_id  # another process created it just now
 
 
 def git_commit() -> str:

@@ -11,14 +11,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import random
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
+import numpy as np
 import torch
 
 from metaflowlib.artifacts import load_checkpoint, save_checkpoint
@@ -209,7 +211,7 @@ class MetaTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state(),
-            "torch_rng": torch.get_rng_state(),
+            **rng_states(),
             "history": self.history,
         }
 
@@ -226,9 +228,33 @@ class MetaTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
+        restore_rng_states(state)
         self.episode, self.seconds = state["episode"], state["seconds"]
         self.best_accuracy, self.best_episode = state["best_accuracy"], state["best_episode"]
         self.best_state, self.history = state["best_omega"], state["history"]
         if self.progress != "off":
             print(f"resuming from {self.checkpoint_dir} at episode {self.episode}", flush=True)
+
+
+def rng_states() -> dict:
+    """torch, numpy and Python `random` global states as tensors and JSON values (checkpoints never pickle)."""
+    _, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch_rng": torch.get_rng_state(),
+        "numpy_rng": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(position),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gauss)},
+        "python_rng": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
+    }
+
+
+def restore_rng_states(state: dict) -> None:
+    """Inverse of `rng_states`; a checkpoint written before numpy/Python states were saved restores torch's only."""
+    torch.set_rng_state(state["torch_rng"])
+    if "numpy_rng" in state:
+        saved = state["numpy_rng"]
+        keys = saved["keys"].numpy().astype(np.uint32)
+        np.random.set_state(("MT19937", keys, saved["pos"], saved["has_gauss"], saved["cached_gaussian"]))
+    if "python_rng" in state:
+        saved = state["python_rng"]
+        random.setstate((saved["version"], tuple(int(v) for v in saved["internal"].tolist()), saved["gauss_next"]))

@@ -60,3 +60,22 @@ def test_checkpoint_round_trip_keeps_types(tmp_path):
     assert torch.equal(loaded["rng"], state["rng"])
     assert set(loaded["optimizer"]["state"]) == set(state["optimizer"]["state"])  # int keys survive
     assert load_checkpoint(tmp_path / "none") is None
+
+
+def test_damaged_or_planted_checkpoints_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    save_checkpoint({"step": 3, "rng": torch.get_rng_state()}, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "state.safetensors").write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(DataError, match="state.safetensors is not a valid safetensors file"):
+        load_checkpoint(tmp_path / "ckpt")
+    assert not (tmp_path / "PWNED").exists()
+
+    save_checkpoint({"step": 3, "rng": torch.get_rng_state()}, tmp_path / "ckpt")
+    skeleton = tmp_path / "ckpt" / "state.json"
+    text = skeleton.read_text()
+    skeleton.write_text(text[: len(text) // 2])
+    with pytest.raises(DataError, match=r"checkpoint .*ckpt is damaged \(JSONDecodeError.*delete it to start afresh"):
+        load_checkpoint(tmp_path / "ckpt")
+    skeleton.write_text(text.replace("state.rng", "state.gone"))  # names a tensor the file does not hold
+    with pytest.raises(DataError, match=r"is damaged \(KeyError"):
+        load_checkpoint(tmp_path / "ckpt")

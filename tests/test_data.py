@@ -1,14 +1,20 @@
+import shutil
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from metaflowlib.data.omniglot import find_source, load_omniglot
-from metaflowlib.data.prepare import custom_splits, lake_splits, load_image_dataset, save_splits, vinyals_splits
+from metaflowlib.data.prepare import Split, custom_splits, lake_splits, load_image_dataset, save_splits, vinyals_splits
 from metaflowlib.data.preprocess import resize_uint8, to_model_input
 from metaflowlib.data.store import load_info, load_split
 from metaflowlib.errors import DataError
+
+from conftest import ROOT
 
 ALPHABETS = {"background": [("Alpha", 3), ("Beta", 2), ("Gamma", 2)], "evaluation": [("Delta", 2), ("Eps", 2)]}
 DRAWERS = 4
@@ -131,16 +137,20 @@ def test_lake_protocol_keeps_alphabets_disjoint(tmp_path):
         lake_splits(sets, 28, val_alphabets=3)
 
 
-def test_custom_imagefolder_dataset_round_trip(tmp_path):
+def imagefolder(root, classes: int = 6, per_class: int = 3, size: int = 20):
+    """`<root>/class<c>/<i>.png`: random grayscale images of one size."""
     rng = np.random.default_rng(0)
-    for c in range(6):
-        folder = tmp_path / "imgs" / f"class{c}"
+    for c in range(classes):
+        folder = root / f"class{c}"
         folder.mkdir(parents=True)
-        for i in range(3):
-            size = (20, 20) if i else (24, 24)  # mixed sizes are resized, not refused
-            Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(folder / f"{i}.png")
-    images, labels, names = load_image_dataset(str(tmp_path / "imgs"))
-    assert images.shape == (18, 24, 24) and sorted(set(labels.tolist())) == list(range(6))
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def test_custom_imagefolder_dataset_round_trip(tmp_path):
+    images, labels, names = load_image_dataset(str(imagefolder(tmp_path / "imgs")))
+    assert images.shape == (18, 20, 20) and sorted(set(labels.tolist())) == list(range(6))
     splits = custom_splits(images, labels, names, 28, (0.5, 0.25, 0.25), seed=0)
     seen = [set(s.class_names) for s in splits.values()]
     assert sum(len(s) for s in seen) == 6 and not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
@@ -151,8 +161,6 @@ def test_custom_imagefolder_dataset_round_trip(tmp_path):
 
 
 def test_failed_save_leaves_no_partial_output(tmp_path):
-    from metaflowlib.data.prepare import Split
-
     good = Split(np.zeros((2, 28, 28), np.uint8), np.array([0, 1]), ["a", "b"])
     bad = Split(np.zeros((2, 28, 28), np.uint8), np.array([0, 5]), ["a", "b"])  # label 5 has no name
     with pytest.raises(IndexError):
@@ -203,3 +211,89 @@ def test_official_download_is_verified(tmp_path, monkeypatch):
     monkeypatch.setattr(omniglot, "IMAGES_SHA256", {s.name: __import__("hashlib").sha256(s.images.tobytes()).hexdigest() for s in mirror})
     sets = load_omniglot(None, tmp_path / "downloads")
     assert [s.images.shape[0] for s in sets] == [7, 4]
+
+
+@pytest.mark.parametrize("images,message", [
+    (np.zeros((7, DRAWERS, 35, 35), np.uint8), r"images must be bool \[7 characters, >= 2 drawings, height, width\] \(True = paper\), got uint8"),
+    (np.ones((7, DRAWERS, 35), bool), r"got bool \[7, 4, 35\]"),
+    (np.ones((6, DRAWERS, 35, 35), bool), r"got bool \[6, 4, 35, 35\]"),
+    (np.ones((7, 0, 35, 35), bool), r"got bool \[7, 0, 35, 35\]"),  # characters without drawings
+])
+def test_npz_of_the_wrong_shape_or_dtype_is_refused(tmp_path, images, message):
+    root = write_mirror(tmp_path)
+    np.savez(root / "omniglot" / "images_background.npz", images=images)
+    with pytest.raises(DataError, match=message):
+        load_omniglot(root, tmp_path / "cache", verify=False)
+
+
+def test_missing_or_malformed_alphabet_table_is_refused(tmp_path):
+    root = write_mirror(tmp_path)
+    table = root / "omniglot" / "alphabets.tsv"
+    table.write_text(table.read_text().replace("\t0\t3", "\tzero\t3"))
+    with pytest.raises(DataError, match=r"alphabets.tsv:2: expected 'alphabet<TAB>set<TAB>first_index<TAB>n_characters', got 'Alpha"):
+        load_omniglot(root, tmp_path / "cache", verify=False)
+    table.unlink()
+    with pytest.raises(DataError, match="missing Omniglot file .*alphabets.tsv"):
+        load_omniglot(root, tmp_path / "cache", verify=False)
+
+
+def test_bad_drawings_in_the_official_folder_layout_are_refused(tmp_path):
+    mirror = load_omniglot(write_mirror(tmp_path / "mirror"), tmp_path / "cache", verify=False)
+    folders = tmp_path / "official"
+    for s in mirror:
+        write_folder(folders, s.name, s.images)
+    character = folders / "images_background" / "Alpha" / "character02"
+    drawing = min(character.glob("*.png"))
+    original = drawing.read_bytes()
+
+    drawing.write_bytes(original[: len(original) // 2])  # truncated PNG
+    with pytest.raises(DataError, match="Alpha/character02/.*png is not a readable image"):
+        load_omniglot(folders, tmp_path / "cache", verify=False)
+    Image.new("1", (30, 30), 1).save(drawing)  # another size
+    with pytest.raises(DataError, match="Alpha/character02/.*png is 30x30 pixels but .* is 35x35"):
+        load_omniglot(folders, tmp_path / "cache", verify=False)
+    drawing.unlink()  # one drawing short
+    with pytest.raises(DataError, match=r"different numbers of drawings: 4 for most, but Alpha/character02 \(3\)"):
+        load_omniglot(folders, tmp_path / "cache", verify=False)
+    for png in character.glob("*.png"):  # an empty character
+        png.unlink()
+    with pytest.raises(DataError, match="character folders without drawings: Alpha/character02"):
+        load_omniglot(folders, tmp_path / "cache", verify=False)
+
+
+def test_bad_custom_imagefolders_are_refused_naming_the_culprit(tmp_path):
+    mixed = imagefolder(tmp_path / "mixed")
+    Image.fromarray(np.zeros((24, 24), np.uint8)).save(mixed / "class3" / "big.png")
+    with pytest.raises(DataError, match=r"class3/big.png is 24x24 pixels but .*/class0/0.png is 20x20: give every image one size"):
+        load_image_dataset(str(mixed))
+
+    empty = imagefolder(tmp_path / "empty")
+    (empty / "class6").mkdir()
+    (empty / "class2" / "1.png").unlink()
+    (empty / "class2" / "2.png").unlink()
+    with pytest.raises(DataError, match=r"every class needs at least 2 images .*: class2 \(1\), class6 \(0\)"):
+        load_image_dataset(str(empty))
+
+    broken = imagefolder(tmp_path / "broken")
+    (broken / "class1" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(DataError, match="class1/0.png is not a readable image"):
+        load_image_dataset(str(broken))
+
+
+def test_failed_prepare_stage_exits_2_and_keeps_the_previous_output(tmp_path):
+    """The real stage script on a bad custom dataset: one error line, exit 2, the last good data/prepared untouched."""
+    shutil.copytree(ROOT / "pipelines", tmp_path / "pipelines")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"].update(dataset="custom", custom_source=str(imagefolder(tmp_path / "imgs")))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    Image.fromarray(np.zeros((24, 24), np.uint8)).save(tmp_path / "imgs" / "class4" / "odd.png")
+    previous = Split(np.zeros((2, 28, 28), np.uint8), np.array([0, 1]), ["a", "b"])
+    save_splits({"train": previous, "val": previous, "test": previous}, tmp_path / "data" / "prepared", {"dataset": "before"})
+    before = sorted((p.relative_to(tmp_path), p.read_bytes()) for p in (tmp_path / "data").rglob("*") if p.is_file())
+
+    result = subprocess.run([sys.executable, "pipelines/prepare.py"], cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "odd.png is 24x24 pixels" in result.stderr
+    assert "Traceback" not in result.stderr
+    after = sorted((p.relative_to(tmp_path), p.read_bytes()) for p in (tmp_path / "data").rglob("*") if p.is_file())
+    assert after == before  # no partial or replaced output, no temporary leftovers

@@ -6,6 +6,7 @@ from metaflowlib import registry
 from metaflowlib.artifacts import save_meta_knowledge
 from metaflowlib.cli import main as cli
 from metaflowlib.errors import RegistryError
+from metaflowlib.io import file_lock
 from metaflowlib.methods import ProtoNet
 from metaflowlib.serving.log import log_pyfunc_model
 
@@ -84,3 +85,56 @@ def test_cli_promote_refusal_is_one_line_and_exit_2(tmp_path, mlflow_store, caps
     cli(["--params", params, "models", "list"])
     out = capsys.readouterr().out
     assert "v1 [production]  acc_5w1s 0.9000" in out and "v2  acc_5w1s 0.8000" in out
+
+
+def test_unknown_name_alias_and_deleted_version_are_one_line_errors(tmp_path, mlflow_store, capsys):
+    v1, v2 = new_version(tmp_path, 0.9), new_version(tmp_path, 0.8)
+    registry.promote(NAME, v1, "acc_5w1s")
+    registry.promote(NAME, v2, "acc_5w1s", force=True)  # production v2, history [v1]
+    mlflow.MlflowClient().delete_model_version(NAME, v1)
+    params = str(ROOT / "params.yaml")
+    cases = [
+        (["models", "show", "ghost"], "error: no registered model named 'ghost'"),
+        (["promote", "ghost", "1"], "error: no registered model named 'ghost'"),
+        (["rollback", "ghost"], "error: no registered model named 'ghost'"),
+        (["models", "show", NAME, "@champion"], "error: registered model 'toy-protonet' has no alias 'champion' (aliases: ['production'])"),
+        (["promote", NAME, "@champion"], "error: registered model 'toy-protonet' has no alias 'champion'"),
+        (["models", "show", NAME, "1"], "error: registered model 'toy-protonet' has no version 1 (never registered, or deleted; versions: [2])"),
+        (["promote", NAME, "1", "--force"], "error: registered model 'toy-protonet' has no version 1"),
+        (["promote", NAME, "latest"], "error: registered model 'toy-protonet' has no version latest"),
+        (["rollback", NAME], "error: cannot roll toy-protonet back to v1, the version production replaced: registered model"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            cli(["--params", params, *args])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "Traceback" not in err, args
+        assert err.strip().splitlines()[-1].startswith(message), (args, err)
+    assert registry.get_alias(NAME).version == v2  # nothing moved
+    cli(["--params", params, "models", "show", NAME, "@production"])  # an alias that exists is a valid reference
+    assert capsys.readouterr().out.startswith("toy-protonet v2 aliases=['production']")
+    mlflow.MlflowClient().delete_model_version(NAME, v2)  # deleting production takes the alias with it
+    with pytest.raises(SystemExit):
+        cli(["--params", params, "models", "show", NAME])
+    assert "has no production version; pass a version number" in capsys.readouterr().err
+
+
+def test_the_gate_holds_without_a_metric_a_lock_or_a_stable_production(tmp_path, mlflow_store, monkeypatch):
+    v1, v2, v3 = new_version(tmp_path, 0.5), new_version(tmp_path, 0.6), new_version(tmp_path, 0.7)
+    registry.promote(NAME, v1, "acc_5w1s")
+    mlflow.MlflowClient().delete_model_version_tag(NAME, v2, "acc_5w1s")
+    with pytest.raises(RegistryError, match="acc_5w1s n/a does not beat production v1's 0.5000"):
+        registry.promote(NAME, v2, "acc_5w1s")  # not evaluated: no way past the gate without --force
+
+    lock = tmp_path / "mlflow.db.registry.lock"
+    monkeypatch.setattr(registry, "LOCK_SECONDS", 0.2)
+    with file_lock(lock, 1), pytest.raises(RegistryError, match=r"another promote or rollback has held .*registry.lock"):
+        registry.promote(NAME, v3, "acc_5w1s")  # a stuck holder: refused after the wait, never a hang
+
+    def another_writer(name, version):  # what a promote on a store without the lock could do meanwhile
+        mlflow.MlflowClient().set_registered_model_alias(NAME, registry.ALIAS, v2)
+
+    monkeypatch.setattr(registry, "smoke_test", another_writer)
+    with pytest.raises(RegistryError, match="production moved to v2 while this command ran; production not moved"):
+        registry.promote(NAME, v3, "acc_5w1s")
+    assert registry.get_alias(NAME).version == v2 and registry._history(NAME) == []

@@ -28,6 +28,17 @@ def payload(**changes):
     ({"support_labels": np.array([0.0, 0, 1, 1, 2, 2])}, "must be integers"),
     ({"query_images": np.zeros((20001, 2, 2), np.uint8)}, "too large"),
     ({"extra": 1}, "unknown keys"),
+    ({"support_images": np.full((6, 28, 28), np.nan)}, "support_images must be uint8"),  # NaN can only come as floats
+    ({"query_images": np.full((6, 28, 28), np.inf)}, "query_images must be uint8"),
+    ({"query_images": np.ones((6, 28, 28), bool)}, "query_images must be uint8"),
+    ({"support_labels": np.array([0, 0, 1, 1, 2, np.nan])}, "support_labels must be integers"),
+    ({"query_images": [[[0, 255]], [[0]]]}, "query_images is not a rectangular array"),  # ragged JSON rows
+    ({"support_labels": [[0, 0], [1]]}, "support_labels is not a rectangular array"),
+    ({"support_labels": np.arange(5) % 3}, r"support_labels must have shape \[6\]"),  # fewer labels than images
+    ({"support_labels": np.array([-1, -1, 0, 0, 1, 1])}, "every class 0..N-1"),
+    ({"query_images": np.zeros((0, 28, 28), np.uint8)}, "query_images must have shape .* no empty axis"),
+    ({"support_images": np.broadcast_to(np.uint8(255), (6, 1025, 28))}, r"support_images too large: \[6, 1025, 28\]"),
+    ({"query_images": np.broadcast_to(np.uint8(255), (20000, 120, 120))}, "payload too large: 288004704 pixels"),
 ])
 def test_malformed_payloads_get_one_clear_error(changes, message):
     with pytest.raises(PayloadError, match=message):

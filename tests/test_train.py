@@ -1,10 +1,15 @@
+import random
+import signal
+
+import numpy as np
 import pytest
 import torch
 
+from metaflowlib.artifacts import load_checkpoint
 from metaflowlib.episodes import EpisodeSampler
-from metaflowlib.errors import DivergenceError
+from metaflowlib.errors import DivergenceError, Interrupted
 from metaflowlib.methods import ProtoNet
-from metaflowlib.train import MetaTrainer, build_meta_optimizer
+from metaflowlib.train import MetaTrainer, build_meta_optimizer, restore_rng_states
 
 
 def make_trainer(pool, *, episodes, checkpoint_dir=None, checkpoint_every=100, validate=None, seed=0):
@@ -46,16 +51,53 @@ def test_best_omega_on_validation_is_returned(tiny_pool):
 
 
 def test_resumed_run_ends_bitwise_equal_to_uninterrupted(tiny_pool, tmp_path):
-    straight = make_trainer(tiny_pool, episodes=8)
-    straight.run()
+    def validate(method):  # draws from every global RNG, so a resume that lost one would score differently
+        return float(torch.rand(())) + float(np.random.random()) + random.random()
 
-    interrupted = make_trainer(tiny_pool, episodes=5, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=5)
-    interrupted.run()
-    resumed = make_trainer(tiny_pool, episodes=8, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=5, seed=123)
+    def seeded(seed, **kwargs):
+        np.random.seed(seed)
+        random.seed(seed)
+        return make_trainer(tiny_pool, episodes=8, validate=validate, seed=seed, **kwargs)
+
+    straight = seeded(0)
+    straight.run()
+    after_straight = (torch.rand(3), np.random.random(3), [random.random() for _ in range(3)])
+
+    interrupted = seeded(0, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=100)
+
+    def validate_then_stop(method):  # a SIGTERM arrives during the first validation (episode 2)
+        interrupted.stop_signal = signal.SIGTERM
+        return validate(method)
+
+    interrupted.validate = validate_then_stop
+    with pytest.raises(Interrupted, match="interrupted at episode 2"):
+        interrupted.run()
+    resumed = seeded(123, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=100)  # other seeds: only the checkpoint can restore them
     result = resumed.run()
     assert result.episodes == 8
     for key, value in straight.method.state_dict().items():
         assert torch.equal(value, resumed.method.state_dict()[key]), key
+    assert [h["val_accuracy"] for h in resumed.history] == [h["val_accuracy"] for h in straight.history]
+    after_resumed = (torch.rand(3), np.random.random(3), [random.random() for _ in range(3)])
+    assert torch.equal(after_straight[0], after_resumed[0])
+    assert np.array_equal(after_straight[1], after_resumed[1]) and after_straight[2] == after_resumed[2]
+
+
+def test_checkpoint_holds_every_rng_state_without_pickle(tiny_pool, tmp_path):
+    np.random.seed(7)
+    np.random.standard_normal()  # numpy caches the second gaussian: that cache is state too
+    random.seed(7)
+    random.gauss(0, 1)
+    trainer = make_trainer(tiny_pool, episodes=2, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1)
+    trainer.run()
+    expected_numpy, expected_python = np.random.get_state(), random.getstate()
+    np.random.seed(1)
+    random.seed(1)
+    restore_rng_states(load_checkpoint(tmp_path / "ckpt"))
+    numpy_state = np.random.get_state()
+    assert np.array_equal(numpy_state[1], expected_numpy[1]) and numpy_state[2:] == expected_numpy[2:]
+    assert random.getstate() == expected_python
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["state.json", "state.safetensors"]
 
 
 def test_non_finite_loss_stops_with_the_step(tiny_pool, tmp_path):

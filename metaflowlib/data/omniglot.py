@@ -77,11 +77,13 @@ def verify_images(set_name: str, images: np.ndarray, origin: str) -> None:
 def read_alphabets(path: Path) -> dict[str, list[tuple[str, int, int]]]:
     """set -> [(alphabet, first_index, n_characters)] from alphabets.tsv."""
     table: dict[str, list[tuple[str, int, int]]] = {s: [] for s in SETS}
+    if not path.is_file():
+        raise DataError(f"missing Omniglot file {path}")
     lines = path.read_text().splitlines()
     for number, line in enumerate(lines[1:], start=2):
         fields = line.split("\t")
-        if len(fields) != 4 or fields[1] not in SETS:
-            raise DataError(f"{path}:{number}: expected 'alphabet<TAB>set<TAB>first_index<TAB>n_characters'")
+        if len(fields) != 4 or fields[1] not in SETS or not (fields[2].isdigit() and fields[3].isdigit()):
+            raise DataError(f"{path}:{number}: expected 'alphabet<TAB>set<TAB>first_index<TAB>n_characters', got {line!r}")
         table[fields[1]].append((fields[0], int(fields[2]), int(fields[3])))
     return table
 
@@ -90,7 +92,7 @@ def load_npz_mirror(root: Path, verify: bool = True) -> list[OmniglotSet]:
     """Read `<root>/omniglot/{images_*.npz, alphabets.tsv}` (the layout of ../shared/data)."""
     if verify:
         for rel, digest in FILE_SHA256.items():
-            if rel.endswith(".npz") or rel.endswith(".tsv"):
+            if rel.endswith((".npz", ".tsv")):
                 path = root / rel
                 if not path.is_file():
                     raise DataError(f"missing Omniglot file {path}")
@@ -105,8 +107,10 @@ def load_npz_mirror(root: Path, verify: bool = True) -> list[OmniglotSet]:
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
             raise DataError(f"cannot read {path}: {error}") from None
         characters = [Character(set_name, a, k) for a, _, n in table[set_name] for k in range(1, n + 1)]
-        if images.ndim != 4 or images.shape[0] != len(characters):
-            raise DataError(f"{path}: images shape {images.shape} does not match {len(characters)} characters")
+        # bool, True = paper: a uint8 array would wrap to garbage in prepare's `* 255`
+        if images.dtype != np.bool_ or images.ndim != 4 or images.shape[0] != len(characters) or images.shape[1] < 2:
+            raise DataError(f"{path}: images must be bool [{len(characters)} characters, >= 2 drawings, height, width] "
+                            f"(True = paper), got {images.dtype} {list(images.shape)}")
         sets.append(OmniglotSet(set_name, images, characters))
     return sets
 
@@ -116,26 +120,40 @@ def _decode_pngs(entries: dict[str, bytes], origin: str, set_name: str) -> Omnig
     from PIL import Image
 
     by_character: dict[tuple[str, int], dict[int, np.ndarray]] = {}
+    first: tuple[str, tuple[int, ...]] | None = None  # (entry, shape): every drawing must share its size
     for name, data in entries.items():
         match = _PNG.search(name)
         if not match:
             continue
         key = (match["alphabet"], int(match["k"]))
-        # compare, don't cast: PIL's mode-"1" arrays can hold 255 for True, which breaks byte digests
-        image = np.asarray(Image.open(io.BytesIO(data)).convert("L")) > 127
+        try:
+            with Image.open(io.BytesIO(data)) as png:
+                # compare, don't cast: PIL's mode-"1" arrays can hold 255 for True, which breaks byte digests
+                image = np.asarray(png.convert("L")) > 127
+        except (OSError, ValueError) as error:  # PIL: unidentified or truncated file
+            raise DataError(f"{origin}: {name} is not a readable image: {error}") from None
+        if first is None:
+            first = (name, image.shape)
+        elif image.shape != first[1]:
+            raise DataError(f"{origin}: {name} is {image.shape[0]}x{image.shape[1]} pixels but {first[0]} is {first[1][0]}x{first[1][1]}")
         by_character.setdefault(key, {})[int(match["drawer"])] = image
     if not by_character:
         raise DataError(f"{origin}: no '<alphabet>/character<k>/<id>_<drawer>.png' files found")
     keys = sorted(by_character)
-    counts = {len(by_character[k]) for k in keys}
-    if len(counts) != 1:
-        raise DataError(f"{origin}: characters have different numbers of drawings {sorted(counts)}")
+    counts = [len(by_character[k]) for k in keys]
+    usual = max(set(counts), key=counts.count)
+    odd = [f"{a}/character{k:02d} ({n})" for (a, k), n in zip(keys, counts) if n != usual]
+    if odd:
+        raise DataError(f"{origin}: characters have different numbers of drawings: {usual} for most, but {', '.join(odd[:10])}")
     images = np.stack([np.stack([by_character[k][d] for d in sorted(by_character[k])]) for k in keys])
     return OmniglotSet(set_name, images, [Character(set_name, a, k) for a, k in keys])
 
 
 def load_official_folder(root: Path, set_name: str) -> OmniglotSet:
-    """Read an unpacked `images_<set>/` folder (or any folder of that layout)."""
+    """Read an unpacked `images_<set>/` folder (or any folder of that layout); an empty character folder is refused."""
+    empty = [str(d.relative_to(root)) for d in sorted(root.glob("*/character*")) if d.is_dir() and not any(d.glob("*.png"))]
+    if empty:
+        raise DataError(f"{root}: character folders without drawings: {', '.join(empty[:10])}")
     files = sorted(root.rglob("*.png"))
     entries = {str(p.relative_to(root)): p.read_bytes() for p in files}
     return _decode_pngs(entries, str(root), set_name)

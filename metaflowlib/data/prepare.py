@@ -12,6 +12,7 @@ Protocols:
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,13 +112,14 @@ def custom_splits(
 
 
 def load_image_dataset(reference: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """A Hugging Face dataset id or `imagefolder` directory -> grayscale uint8 images of one size.
+    """A Hugging Face dataset id or `imagefolder` directory -> grayscale uint8 images [M, H, W], labels, class names.
 
-    Images of other sizes are resized later; here they only need to share a
-    size after conversion, so they are padded to nothing: mixed sizes are
-    resized to the first image's size.
+    Refused with a DataError naming the culprit: an unreadable image; images of different sizes (any
+    common size would be an arbitrary pick, silently distorting the others: resize them first); a class
+    with fewer than 2 images, an empty class folder included (no task can use it as support and query).
     """
     import datasets
+    from PIL import Image
 
     path = Path(reference).expanduser()
     try:
@@ -125,21 +127,37 @@ def load_image_dataset(reference: str) -> tuple[np.ndarray, np.ndarray, list[str
             dataset = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
         else:
             dataset = datasets.load_dataset(reference, split="train")
-    except Exception as error:  # datasets raises many types; the user needs the reference and the reason
+    except Exception as error:  # noqa: BLE001 - datasets raises many types; the user needs the reference and the reason
         raise DataError(f"cannot load image dataset {reference!r}: {error}") from None
     image_column = next((k for k, v in dataset.features.items() if isinstance(v, datasets.Image)), None)
     label_column = next((k for k, v in dataset.features.items() if isinstance(v, datasets.ClassLabel)), None)
     if image_column is None or label_column is None:
         raise DataError(f"{reference!r} has no Image and ClassLabel columns (features: {dataset.features})")
-    names = dataset.features[label_column].names
-    arrays = [np.asarray(image.convert("L")) for image in dataset[image_column]]
-    if not arrays:
+    if len(dataset) == 0:
         raise DataError(f"{reference!r} holds no images")
-    size = arrays[0].shape
-    from PIL import Image
-
-    arrays = [a if a.shape == size else np.asarray(Image.fromarray(a).resize(size[::-1])) for a in arrays]
-    return np.stack(arrays).astype(np.uint8), np.asarray(dataset[label_column]), list(names)
+    names = list(dataset.features[label_column].names)
+    labels = np.asarray(dataset[label_column], dtype=np.int64)
+    arrays, first = [], ""
+    for index, item in enumerate(dataset.cast_column(image_column, datasets.Image(decode=False))[image_column]):
+        origin = item.get("path") or f"{reference!r} example {index}"
+        try:
+            with Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as image:
+                array = np.asarray(image.convert("L"))
+        except (OSError, ValueError) as error:  # PIL: unidentified or truncated file
+            raise DataError(f"{origin} is not a readable image: {error}") from None
+        if arrays and array.shape != arrays[0].shape:
+            raise DataError(f"{origin} is {array.shape[0]}x{array.shape[1]} pixels but {first} is "
+                            f"{arrays[0].shape[0]}x{arrays[0].shape[1]}: give every image one size")
+        first = first or origin
+        arrays.append(array)
+    counts = np.bincount(labels, minlength=len(names))
+    small = [f"{names[c]} ({counts[c]})" for c in np.flatnonzero(counts < 2)]
+    if path.is_dir():  # imagefolder makes no class of a folder without images
+        small += [f"{d.name} (0)" for d in sorted(path.iterdir())
+                  if d.is_dir() and not d.name.startswith(".") and not any(f.is_file() for f in d.rglob("*"))]
+    if small:
+        raise DataError(f"{reference!r}: every class needs at least 2 images (1 shot + 1 query); too few: {', '.join(small[:10])}")
+    return np.stack(arrays), labels, names
 
 
 def save_splits(splits: dict[str, Split], out_dir: Path, info: dict) -> None:
@@ -161,5 +179,5 @@ def save_splits(splits: dict[str, Split], out_dir: Path, info: dict) -> None:
                 features=features,
             )
             dataset.save_to_disk(str(tmp / name))
-            summary[name] = {"classes": len(split.class_names), "examples": int(len(split.labels))}
+            summary[name] = {"classes": len(split.class_names), "examples": len(split.labels)}
         (tmp / "info.json").write_text(json.dumps({**info, "splits": summary}, indent=2, sort_keys=True) + "\n")

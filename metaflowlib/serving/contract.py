@@ -9,7 +9,8 @@ Returns {"labels": int64 [Q], "probabilities": float32 [Q, N]}.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,10 +22,19 @@ from metaflowlib.methods import MetaLearner
 FIELDS = ("support_images", "support_labels", "query_images")
 MAX_IMAGES = 20_000  # per request: a larger payload is refused rather than exhausting memory
 MAX_SIDE = 1024
+MAX_PIXELS = 2**28  # support + query: preprocessing holds them as float32 (1 GiB at this cap)
+
+
+def _array(payload: Mapping[str, Any], name: str) -> np.ndarray:
+    """The field as an array; ragged nested lists (a JSON request with rows of different lengths) are refused."""
+    try:
+        return np.asarray(payload[name])
+    except (ValueError, TypeError) as error:
+        raise PayloadError(f"{name} is not a rectangular array: {error}") from None
 
 
 def _images(payload: Mapping[str, Any], name: str) -> np.ndarray:
-    array = np.asarray(payload[name])
+    array = _array(payload, name)
     if array.dtype != np.uint8:
         raise PayloadError(f"{name} must be uint8 (0 = ink, 255 = paper), got {array.dtype}")
     if array.ndim != 3 or 0 in array.shape:
@@ -45,7 +55,9 @@ def validate_payload(payload: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray
     if unknown:
         raise PayloadError(f"payload has unknown keys {unknown}; expected keys {list(FIELDS)}")
     support, query = _images(payload, "support_images"), _images(payload, "query_images")
-    labels = np.asarray(payload["support_labels"])
+    if support.size + query.size > MAX_PIXELS:
+        raise PayloadError(f"payload too large: {support.size + query.size} pixels in support_images + query_images (at most {MAX_PIXELS})")
+    labels = _array(payload, "support_labels")
     if labels.dtype.kind not in "iu":
         raise PayloadError(f"support_labels must be integers, got {labels.dtype}")
     if labels.ndim != 1 or labels.shape[0] != support.shape[0]:
