@@ -259,6 +259,296 @@ class RegistryParams(Strict):
     promote_first: bool = True  # the pipeline may promote a version when no production version exists
 
 
+# Test-time adaptation benchmark (issue 6): the `tta:` section. Names of
+# metaflowlib.data.corruptions.CORRUPTIONS, repeated so params load without torch (a test keeps them equal).
+CORRUPTION_NAMES = (
+    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+    "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+)
+STRATEGY_KINDS = {"source", "bn", "tent", "ttt"}
+
+
+class TTADataParams(Strict):
+    """Fashion-MNIST and the shifted test set built from it (stage `tta_data`)."""
+
+    source: str | None = None  # data root or the IDX directory; None -> $METAFLOWLIB_DATA, ../shared/data, then download
+    verify_checksums: bool = True
+    images: int = Field(1000, ge=2, le=10000)  # test images per corruption x severity
+    corruptions: tuple[Literal[CORRUPTION_NAMES], ...] = Field(CORRUPTION_NAMES, min_length=1)
+    severities: tuple[Annotated[int, Field(ge=1, le=5)], ...] = Field((1, 2, 3, 4, 5), min_length=1)
+
+    @model_validator(mode="after")
+    def _no_repeats(self) -> TTADataParams:
+        for field in ("corruptions", "severities"):
+            values = getattr(self, field)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{field} lists a value twice: {list(values)}")
+        return self
+
+
+class TTATrainingParams(Strict):
+    """The source classifier and its TTT twin, trained on Fashion-MNIST train (stage `tta_source`)."""
+
+    hidden: int = Field(32, ge=1)  # Conv-4 channels
+    shared_blocks: int = Field(2, ge=1, le=4)  # TTT: Conv-4 blocks in the shared extractor
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(1e-3, gt=0)  # Adam
+    train_images: int | None = Field(None, ge=2)  # None: all 60000; fewer for quick runs
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+class StrategyBase(Strict):
+    batch_size: int = Field(200, ge=2)  # test batch: TENT's CIFAR-10-C setting
+
+    @property
+    def model(self) -> str:
+        """Which trained classifier the strategy adapts: 'source' or its TTT twin 'ttt'."""
+        return "source"
+
+
+class SourceStrategy(StrategyBase):
+    kind: Literal["source"]
+
+
+class BNStrategy(StrategyBase):
+    kind: Literal["bn"]
+
+
+class GradientStrategy(StrategyBase):
+    """A strategy that takes optimizer steps on an unsupervised loss of each test batch."""
+
+    optimizer: Literal["adam", "sgd"]
+    lr: float = Field(gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)  # sgd only
+    steps: int | None = Field(None, ge=1)
+    episodic: bool  # reset to the source weights before every batch; False: online
+
+    @model_validator(mode="after")
+    def _momentum_is_sgd(self) -> GradientStrategy:
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(f"momentum applies to optimizer 'sgd' only (got optimizer {self.optimizer!r})")
+        return self
+
+
+class TentStrategy(GradientStrategy):
+    """Wang et al.'s reference: Adam lr 1e-3, one step per batch, online."""
+
+    kind: Literal["tent"]
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    steps: int = Field(1, ge=1)
+    episodic: bool = False
+
+
+class TTTStrategy(GradientStrategy):
+    """Sun et al.: SGD lr 1e-3; episodic (standard, 10 steps) or online (1 step, the default)."""
+
+    kind: Literal["ttt"]
+    optimizer: Literal["adam", "sgd"] = "sgd"
+    lr: float = Field(1e-3, gt=0)
+    episodic: bool = False
+    update_rotation_head: bool = False
+
+    @property
+    def model(self) -> str:
+        return "ttt"
+
+
+StrategyParams = Annotated[SourceStrategy | BNStrategy | TentStrategy | TTTStrategy, Field(discriminator="kind")]
+
+
+def _default_strategies() -> dict[str, StrategyParams]:
+    return {"source": SourceStrategy(kind="source"), "bn": BNStrategy(kind="bn"), "tent": TentStrategy(kind="tent"),
+            "ttt": TTTStrategy(kind="ttt")}
+
+
+class TTAParams(Strict):
+    """Test-time adaptation on a shifted test set: data, source training, one block per `tta@<key>` stage."""
+
+    seed: int = Field(0, ge=0)  # test subset, corruption noise, source training
+    data: TTADataParams = TTADataParams()
+    training: TTATrainingParams = TTATrainingParams()
+    channels_last: bool = True  # oneDNN layout for training and adaptation
+    model_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")] = "fashion-mnist"
+    experiment: str = "fashion-mnist-c"
+    strategies: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")], StrategyParams] = Field(
+        default_factory=_default_strategies, min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_from_key(cls, data: Any) -> Any:
+        """`tent: {}` means `tent: {kind: tent}`: a block named after a strategy needs no kind."""
+        if not isinstance(data, dict) or not isinstance(data.get("strategies"), dict):
+            return data
+        strategies = {}
+        for key, block in data["strategies"].items():
+            block = {} if block is None else block
+            if isinstance(block, dict) and "kind" not in block:
+                if key not in STRATEGY_KINDS:
+                    raise ValueError(f"strategies.{key} needs a kind (one of {', '.join(sorted(STRATEGY_KINDS))})")
+                block = {**block, "kind": key}
+            strategies[key] = block
+        return {**data, "strategies": strategies}
+
+    def strategy(self, key: str) -> StrategyParams:
+        if key not in self.strategies:
+            raise ConfigError(f"no strategy '{key}' in params.yaml tta.strategies (have: {', '.join(sorted(self.strategies))})")
+        return self.strategies[key]
+
+    def registered_name(self, model: str) -> str:
+        """'<model_prefix>-source' or '<model_prefix>-ttt'."""
+        return f"{self.model_prefix}-{model}"
+
+
+# The learned LSTM optimizer (issue 5): the `optimizer:` section, read by stages optimizer_train and optimizer_eval.
+OPTIMIZEE_ARCHITECTURES = ("mlp", "conv", "mlp2")  # metaflowlib.optim.tasks.ARCHITECTURES, repeated so params load without torch
+FASHION_MNIST_CLASSES = 10
+
+
+class OptimizerOmniglotTasks(Strict):
+    """N-way optimizee tasks from the prepared Omniglot splits (train: meta-training, val: tuning, test: evaluation)."""
+
+    ways: int = Field(10, ge=2)
+    train_per_class: int = Field(15, ge=1)  # drawings the optimizee trains on
+    test_per_class: int = Field(5, ge=1)  # drawings kept apart for its test accuracy
+
+    @model_validator(mode="after")
+    def _fits_a_class(self) -> OptimizerOmniglotTasks:
+        if self.train_per_class + self.test_per_class > OMNIGLOT_EXAMPLES_PER_CLASS:
+            raise ValueError(f"train_per_class + test_per_class = {self.train_per_class + self.test_per_class} exceeds "
+                             f"the {OMNIGLOT_EXAMPLES_PER_CLASS} drawings per Omniglot class")
+        return self
+
+
+class OptimizerFashionTasks(Strict):
+    """N-way optimizee tasks from Fashion-MNIST: meta-training and tuning on some classes, evaluation on the others."""
+
+    source: str | None = None  # data root or the IDX directory; None -> $METAFLOWLIB_DATA, ../shared/data, then download
+    verify_checksums: bool = True
+    train_classes: tuple[Annotated[int, Field(ge=0, lt=FASHION_MNIST_CLASSES)], ...] = (0, 1, 2, 3, 4)
+    eval_classes: tuple[Annotated[int, Field(ge=0, lt=FASHION_MNIST_CLASSES)], ...] = (5, 6, 7, 8, 9)
+    ways: int = Field(5, ge=2)
+    train_per_class: int = Field(100, ge=1, le=6000)  # from the official train split (6000 per class)
+    test_per_class: int = Field(100, ge=1, le=1000)  # from the official test split (1000 per class)
+
+    @model_validator(mode="after")
+    def _disjoint_classes(self) -> OptimizerFashionTasks:
+        if set(self.train_classes) & set(self.eval_classes):
+            raise ValueError(f"train_classes {list(self.train_classes)} and eval_classes {list(self.eval_classes)} overlap")
+        if self.ways > min(len(set(self.train_classes)), len(set(self.eval_classes))):
+            raise ValueError(f"{self.ways} ways need that many train_classes and eval_classes")
+        return self
+
+
+class OptimizerNetParams(Strict):
+    """The coordinate-wise LSTM (Andrychowicz et al.: 2 layers of 20, output x 0.1, preprocessing p = 10)."""
+
+    hidden_size: int = Field(20, ge=1)
+    num_layers: int = Field(2, ge=1)
+    output_scale: float = Field(0.1, gt=0)
+    preprocess_p: float = Field(10.0, gt=0)
+
+
+class OptimizerBudget(Strict):
+    """Meta-steps (one truncated unroll, one Adam update of the LSTM each) or seconds, whichever ends first."""
+
+    steps: int | None = Field(None, ge=1)
+    seconds: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> OptimizerBudget:
+        if self.steps is None and self.seconds is None:
+            raise ValueError("a budget needs steps or seconds")
+        return self
+
+
+class OptimizerBudgets(Strict):
+    default: OptimizerBudget = OptimizerBudget(steps=1000, seconds=900)
+    full: OptimizerBudget = OptimizerBudget(steps=20000)
+
+
+class OptimizerMetaTrain(Strict):
+    unroll: int = Field(20, ge=1)  # truncated BPTT window
+    horizon: int = Field(100, ge=1)  # optimizee steps per task; a multiple of unroll
+    lr: float = Field(3e-3, gt=0)  # Adam on the LSTM weights
+    divergence_factor: float = Field(1e3, gt=1)  # an optimizee loss above this x its initial loss is a divergence
+    budget: OptimizerBudgets = OptimizerBudgets()
+    validation_tasks: int = Field(2, ge=1)  # per (pool, architecture): the registry gate's tasks
+
+    @model_validator(mode="after")
+    def _whole_unrolls(self) -> OptimizerMetaTrain:
+        if self.horizon % self.unroll:
+            raise ValueError(f"horizon {self.horizon} must be a multiple of unroll {self.unroll}")
+        return self
+
+
+class OptimizerEvaluate(Strict):
+    """Held-out optimizee tasks: learned vs Adam (default lr and tuned) vs SGD with momentum (tuned)."""
+
+    seed: int = 2017  # first task seed of every suite: tasks seed, seed + 1, ...
+    tasks: int = Field(4, ge=1)  # per suite (pool x architecture)
+    horizons: tuple[Annotated[int, Field(ge=1)], ...] = Field((1, 5, 10), min_length=1)  # multiples of the meta-training horizon
+    record_every: int = Field(20, ge=1)  # optimizee steps between full train-loss / test-accuracy points
+    unseen_model: Literal[OPTIMIZEE_ARCHITECTURES] = "mlp2"
+    tuning_tasks: int = Field(2, ge=1)  # per (pool, architecture), on Omniglot val and Fashion train classes
+    adam_lrs: tuple[Annotated[float, Field(gt=0)], ...] = Field((1e-3, 3e-3, 1e-2, 3e-2, 1e-1), min_length=1)
+    sgd_lrs: tuple[Annotated[float, Field(gt=0)], ...] = Field((1e-2, 3e-2, 1e-1, 3e-1, 1.0), min_length=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+
+
+class LearnedOptimizerParams(Strict):
+    """Meta-training and evaluation of the LSTM optimizer on a distribution of small-classifier tasks."""
+
+    seed: int = 0  # LSTM initialization and the meta-training task sequence
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]*$")] = "learned-optimizer"  # registered '<prefix>-<name>'
+    image_size: int = Field(14, ge=4, le=28)  # optimizee inputs, area-resized
+    hidden: int = Field(20, ge=2)  # optimizee hidden units / conv channels
+    batch_size: int = Field(64, ge=1)  # optimizee minibatch
+    models: tuple[Literal[OPTIMIZEE_ARCHITECTURES], ...] = Field(("mlp", "conv"), min_length=1)
+    omniglot: OptimizerOmniglotTasks = OptimizerOmniglotTasks()
+    fashion: OptimizerFashionTasks = OptimizerFashionTasks()
+    net: OptimizerNetParams = OptimizerNetParams()
+    meta_train: OptimizerMetaTrain = OptimizerMetaTrain()
+    evaluate: OptimizerEvaluate = OptimizerEvaluate()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LearnedOptimizerParams:
+        if self.evaluate.unseen_model in self.models:
+            raise ValueError(f"evaluate.unseen_model {self.evaluate.unseen_model!r} is one of the meta-training models")
+        if self.meta_train.horizon % self.evaluate.record_every:
+            raise ValueError(f"evaluate.record_every {self.evaluate.record_every} must divide meta_train.horizon "
+                             f"{self.meta_train.horizon}")
+        return self
+
+
+class ShiftTent(Strict):
+    """TENT inside one few-shot task: the task is the only test batch, so updates must pay off on it."""
+
+    steps: int = Field(3, ge=1)
+    lr: float = Field(0.01, gt=0)  # Adam; the reference's 1 step at 1e-3 would return the BN logits unchanged
+
+
+class ShiftParams(Strict):
+    """Few-shot learners under shift (Omniglot-C): registered production meta-models on corrupted test tasks."""
+
+    methods: tuple[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")], ...] = ()  # keys of `methods`; none by default
+    corruptions: tuple[str, ...] = CORRUPTION_NAMES
+    severity: int = Field(5, ge=1, le=5)
+    setting: Annotated[str, Field(pattern=SETTING_PATTERN)] = "5w1s"
+    queries: int = Field(15, ge=1)
+    tasks: int = Field(50, ge=1)  # per corruption; tasks are adapted one at a time
+    seed: int = 2017
+    tent: ShiftTent = ShiftTent()
+
+    @model_validator(mode="after")
+    def _known_corruptions(self) -> ShiftParams:
+        unknown = sorted(set(self.corruptions) - set(CORRUPTION_NAMES))
+        if unknown:
+            raise ValueError(f"unknown corruptions {unknown}; known: {', '.join(CORRUPTION_NAMES)}")
+        return self
+
+
 class Params(Strict):
     profile: Literal["default", "full"] = "default"
     seed: int = 0
@@ -269,6 +559,16 @@ class Params(Strict):
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
     registry: RegistryParams = RegistryParams()
+    tta: TTAParams = TTAParams()
+    shift: ShiftParams = ShiftParams()
+    optimizer: LearnedOptimizerParams = LearnedOptimizerParams()
+
+    @model_validator(mode="after")
+    def _shift_methods_exist(self) -> Params:
+        unknown = [m for m in self.shift.methods if m not in self.methods]
+        if unknown:
+            raise ValueError(f"shift.methods {unknown} are not keys of methods (have: {', '.join(self.methods)})")
+        return self
 
     @model_validator(mode="after")
     def _tasks_can_be_sampled(self) -> Params:
@@ -279,6 +579,8 @@ class Params(Strict):
         shapes = [(f"methods.{k}", m.ways, m.shots + m.queries, "train") for k, m in self.methods.items()]
         shapes.append(("train.validation", self.train.validation.ways, self.train.validation.shots + self.train.validation.queries, "val"))
         shapes += [(f"evaluate.settings[{s}]", w, k + self.evaluate.queries, "test") for s, (w, k) in self.settings().items()]
+        ways, shots = self.settings_of(self.shift.setting)
+        shapes.append(("shift.setting", ways, shots + self.shift.queries, "test"))
         for field, ways, per_class, split in shapes:
             if per_class > limit:
                 raise ValueError(f"{field}: shots + queries = {per_class} exceeds the {limit} examples per Omniglot class")
@@ -288,11 +590,13 @@ class Params(Strict):
 
     def settings(self) -> dict[str, tuple[int, int]]:
         """'5w1s' -> (5, 1) for each evaluation setting."""
-        out = {}
-        for setting in self.evaluate.settings:
-            ways, shots = setting[:-1].split("w")
-            out[setting] = (int(ways), int(shots))
-        return out
+        return {setting: self.settings_of(setting) for setting in self.evaluate.settings}
+
+    @staticmethod
+    def settings_of(setting: str) -> tuple[int, int]:
+        """'5w1s' -> (ways 5, shots 1)."""
+        ways, shots = setting[:-1].split("w")
+        return int(ways), int(shots)
 
     def method(self, key: str) -> MethodParams:
         if key not in self.methods:
@@ -321,6 +625,8 @@ def format_validation_error(error: ValidationError, origin: str) -> str:
         loc = list(item["loc"])
         if len(loc) > 2 and loc[0] == "methods" and loc[2] in METHOD_KINDS:
             del loc[2]  # the union's tag, not a key the user wrote
+        if len(loc) > 3 and loc[:2] == ["tta", "strategies"] and loc[3] in STRATEGY_KINDS:
+            del loc[3]  # the same for a strategy block
         field = ".".join(str(p) for p in loc) or "(top level)"
         value = item.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"

@@ -15,6 +15,16 @@ from metaflowlib.io import atomic_path
 from metaflowlib.methods import METHODS
 
 
+# Published Omniglot (Vinyals split) accuracy, %, for the settings the papers report.
+PUBLISHED: dict[str, tuple[str, dict[str, float]]] = {
+    "protonet": ("Snell et al. 2017", {"5w1s": 98.8, "5w5s": 99.7, "20w1s": 96.0, "20w5s": 98.9}),
+    "maml": ("Finn et al. 2017", {"5w1s": 98.7, "5w5s": 99.9, "20w1s": 95.8, "20w5s": 98.9}),
+    "fomaml": ("Finn et al. 2017, first order", {"5w1s": 98.3, "5w5s": 99.2, "20w1s": 89.4, "20w5s": 97.9}),
+    "reptile": ("Nichol et al. 2018, transductive", {"5w1s": 97.68, "5w5s": 99.48, "20w1s": 89.43, "20w5s": 97.12}),
+    "imaml": ("Rajeswaran et al. 2019", {"5w1s": 99.16, "5w5s": 99.67, "20w1s": 94.46, "20w5s": 98.69}),
+}
+
+
 @dataclass(frozen=True)
 class MethodRecord:
     """One method's numbers: its params key, kind, config, eval.json and train.json."""
@@ -61,8 +71,8 @@ def variant(record: MethodRecord) -> str:
     return "; ".join(notes)
 
 
-def markdown(records: list[MethodRecord], settings: list[str], profile: str, device: str) -> str:
-    """The report page: three tables."""
+def markdown(records: list[MethodRecord], settings: list[str], profile: str, device: str, published: bool = False) -> str:
+    """The report page: three tables; with `published`, each method's published figures under its row."""
     lines = [f"# Methods side by side (profile `{profile}`, {device})", "",
              ("Accuracy (%) ± 95% CI on the same fixed test tasks for every method; — = not scored "
              "(a fixed N-way head is scored on N-way tasks only)."), "",
@@ -70,6 +80,10 @@ def markdown(records: list[MethodRecord], settings: list[str], profile: str, dev
     for r in records:
         cells = [_pct(r.metrics.get(f"acc_{s}"), r.metrics.get(f"ci95_{s}")) for s in settings]
         lines.append(f"| {r.key} ({r.kind}) | {variant(r)} | " + " | ".join(cells) + " |")
+        if published and r.kind in PUBLISHED:
+            source, numbers = PUBLISHED[r.kind]
+            cells = [f"{numbers[s]:.2f}" if s in numbers else "—" for s in settings]
+            lines.append(f"| ↳ published | {source}, to convergence on a GPU | " + " | ".join(cells) + " |")
     shots = sorted({k for r in records for k in r.shots_curve()})
     lines += ["", "5-way accuracy (%) as shots grow (where each method stops improving):", "",
               "| method | " + " | ".join(f"{k} shot" for k in shots) + " |", "|---|" + "---|" * len(shots)]
@@ -87,6 +101,22 @@ def markdown(records: list[MethodRecord], settings: list[str], profile: str, dev
         lines.append(f"| {r.key} | {_seconds(pre)} | {_seconds(meta)} | {_seconds(total)} | {r.train.get('meta_train_episodes', '—')} "
                      f"| {r.train.get('meta_parameters', '—'):,} | {_memory(r.train)} "
                      f"| {r.metrics.get('adaptation_ms_per_task', float('nan')):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def shift_markdown(reports: dict[str, dict[str, Any]]) -> str:
+    """Few-shot learners under shift: clean vs corrupted accuracy per test-time strategy."""
+    first = next(iter(reports.values()))
+    lines = ["", f"## Under shift (Omniglot-C, severity {first['severity']}, {first['setting']}, {first['tasks']} tasks per corruption)", "",
+             "Accuracy (%) of each production model, clean and averaged over the corruptions; worst = the corruption "
+             "it handles worst. `source` of a MAML-family model already fine-tunes on each task's support set.", "",
+             "| method | version | strategy | clean | mean corrupted | worst corruption | ms / task |", "|---|---|---|---|---|---|---|"]
+    for key, report in reports.items():
+        for strategy, row in report["summary"].items():
+            by = {c: a for c, a in report["accuracy"][strategy].items() if c != "clean"}
+            worst = min(by, key=by.get)
+            lines.append(f"| {key} | v{report['model']['version']} | {strategy} | {_pct(row['clean'])} | {_pct(row['mean_corrupted'])} "
+                         f"| {worst} {_pct(by[worst])} | {1000 * row['seconds_per_task']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

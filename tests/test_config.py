@@ -97,10 +97,21 @@ def test_maml_family_blocks_build_their_methods():
 
     data = copy.deepcopy(SHIPPED)
     data["methods"] = {"m": {"kind": "fomaml"}, "r": {"kind": "reptile"}, "i": {"kind": "imaml", "lam": 0.5}}
+    data["shift"]["methods"] = ["m"]
     params = parse_params(data)
     built = {k: build_method(m.kind, **m.model_config_dict(28)) for k, m in params.methods.items()}
     assert built["m"].first_order and built["i"].config()["lam"] == 0.5
     assert params.methods["r"].meta_optimizer.name == "sgd" and params.methods["r"].meta_optimizer.lr == 1.0
     data["methods"]["r"]["meta_optimizer"] = {"name": "adam"}
     with pytest.raises(ConfigError, match="methods.r: reptile's outer update .* must be 'sgd'"):
+        parse_params(data)
+
+
+def test_shift_names_methods_that_exist():
+    data = copy.deepcopy(SHIPPED)
+    data["shift"]["methods"] = ["protonet", "nope"]
+    with pytest.raises(ConfigError, match=r"shift.methods \['nope'\] are not keys of methods"):
+        parse_params(data)
+    data["shift"].update(methods=["protonet"], queries=19, setting="5w5s")
+    with pytest.raises(ConfigError, match="shift.setting: shots \\+ queries = 24 exceeds the 20 examples per Omniglot class"):
         parse_params(data)

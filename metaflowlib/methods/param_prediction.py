@@ -61,9 +61,9 @@ class ParameterPredictor(MetaLearner):
         return self
 
     def features(self, x: Tensor) -> Tensor:
-        """a(x): unit-norm activations of the frozen feature map."""
-        with torch.no_grad():
-            return F.normalize(self.embedding(x).float(), dim=-1)
+        """a(x): unit-norm activations of the frozen feature map (its weights require no gradient,
+        so autograd records nothing here unless test-time adaptation unfreezes some)."""
+        return F.normalize(self.embedding(x).float(), dim=-1)
 
     def adapt(self, support_x: Tensor, support_y: Tensor, ways: int) -> tuple[Tensor, Tensor]:
         """theta_i = (w [T, N, D], b [T, N]) predicted from the class means a_k [T, N, D]."""

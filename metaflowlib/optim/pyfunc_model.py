@@ -1,0 +1,7 @@
+"""MLflow "models from code" entry point of the learned optimizer: executed when the model loads."""
+
+import mlflow.models
+
+from metaflowlib.optim.pyfunc import LearnedOptimizerModel
+
+mlflow.models.set_model(LearnedOptimizerModel())

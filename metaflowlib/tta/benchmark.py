@@ -1,0 +1,149 @@
+"""One adaptation strategy over a shifted test set: error per corruption and severity, and its cost.
+
+Protocol (TENT's `cifar10c.py`): every corruption x severity set starts from
+the source weights (`reset`), its test batches come in one fixed order, and
+online strategies carry their state from batch to batch within the set.
+Cost: median wall time of `predict` per test batch, peak memory above what
+was in use before adapting (CUDA allocator or resident set size), and the
+number of parameters the strategy trains.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from metaflowlib.adaptation import OptimizerFactory, build_adapter
+from metaflowlib.config import GradientStrategy, StrategyParams
+from metaflowlib.runtime import rss_peak_mb
+from metaflowlib.tta.classifier import to_input
+from metaflowlib.tta.shifted import ShiftedSet
+
+
+def optimizer_factory(name: str, lr: float, momentum: float = 0.0) -> OptimizerFactory:
+    """Adam (betas 0.9/0.999, TENT's) or SGD, no weight decay, over whatever parameters the adapter trains."""
+    if name == "adam":
+        return functools.partial(torch.optim.Adam, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    if name == "sgd":
+        return functools.partial(torch.optim.SGD, lr=lr, momentum=momentum, weight_decay=0.0)
+    raise ValueError(f"unknown test-time optimizer {name!r}; expected 'adam' or 'sgd'")
+
+
+def adapter_options(strategy: StrategyParams) -> dict:
+    """`build_adapter` keyword options from a params block (none for source and bn)."""
+    if not isinstance(strategy, GradientStrategy):
+        return {}
+    options = {"episodic": strategy.episodic, "optimizer": optimizer_factory(strategy.optimizer, strategy.lr, strategy.momentum)}
+    if strategy.steps is not None:
+        options["steps"] = strategy.steps
+    if strategy.kind == "ttt":
+        options["update_rotation_head"] = strategy.update_rotation_head
+    return options
+
+
+@dataclass
+class StrategyResult:
+    errors: dict[str, dict[int, float]]  # corruption -> severity -> error rate
+    clean_error: float
+    batch_ms: list[float] = field(repr=False)
+    seconds: float
+    peak_memory_mb: float
+    memory_kind: str
+    adapted_parameters: int
+
+    def mean_error(self) -> dict[int, float]:
+        severities = next(iter(self.errors.values())).keys()
+        return {s: float(np.mean([by_severity[s] for by_severity in self.errors.values()])) for s in severities}
+
+    def metrics(self) -> dict:
+        """The DVC metrics file: numbers only, severities as string keys."""
+        means = self.mean_error()
+        return {
+            "error": {c: {str(s): e for s, e in by.items()} for c, by in self.errors.items()},
+            "mean_error": {str(s): e for s, e in means.items()},
+            "mean_error_all": float(np.mean(list(means.values()))),
+            "error_clean": self.clean_error,
+            "ms_per_batch": statistics.median(self.batch_ms),
+            "batches": len(self.batch_ms),
+            "seconds": self.seconds,
+            "peak_memory_mb": self.peak_memory_mb,
+            "adapted_parameters": self.adapted_parameters,
+        }
+
+
+def _proc_status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def _start_memory(device: torch.device) -> tuple[float, str]:
+    """(memory in use now, kind), with the peak counter reset to it so the adaptation's own peak shows.
+
+    CUDA: the allocator. CPU on Linux: resident set size, the high-water mark
+    cleared through /proc/self/clear_refs; elsewhere the process peak RSS,
+    which hides an adaptation peak below the earlier high water.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20, "cuda_max_allocated"
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # reset VmHWM to VmRSS (Linux >= 4.0)
+        return _proc_status_mb("VmRSS"), "process_rss_high_water"
+    except OSError:
+        return rss_peak_mb(), "process_peak_rss"
+
+
+def _peak_memory(device: torch.device, kind: str) -> float:
+    if kind == "cuda_max_allocated":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return _proc_status_mb("VmHWM") if kind == "process_rss_high_water" else rss_peak_mb()
+
+
+def evaluate_strategy(
+    kind: str,
+    model: nn.Module,
+    options: dict,
+    shifted: ShiftedSet,
+    batch_size: int,
+    device: torch.device,
+    channels_last: bool = False,
+) -> StrategyResult:
+    """Adapt a copy of `model` (never modified) with strategy `kind` on every set of `shifted`.
+
+    A set of n images is cut into ceil(n / batch_size) batches of nearly equal
+    size, so no batch is left with a single image (batch statistics need two).
+    """
+    adapter = build_adapter(kind, model, **options)
+    adapted = sum(p.numel() for p in adapter.model.parameters() if p.requires_grad)
+    labels = torch.as_tensor(shifted.labels)
+    chunks = torch.arange(len(labels)).tensor_split(-(-len(labels) // batch_size))
+    batch_ms: list[float] = []
+
+    def error(images: np.ndarray) -> float:
+        adapter.reset()
+        wrong = 0
+        for index in chunks:
+            x = to_input(images[index.numpy()], device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            start = time.perf_counter()
+            predicted = adapter.predict(x).argmax(1).cpu()  # .cpu() waits for the device
+            batch_ms.append(1000 * (time.perf_counter() - start))
+            wrong += int((predicted != labels[index]).sum())
+        return wrong / len(labels)
+
+    (baseline, memory_kind), start = _start_memory(device), time.perf_counter()
+    errors = {c: {s: error(shifted.images(c, s)) for s in shifted.severities} for c in shifted.corrupted}
+    clean = error(shifted.clean)
+    return StrategyResult(errors, clean, batch_ms, time.perf_counter() - start,
+                          _peak_memory(device, memory_kind) - baseline, memory_kind, adapted)

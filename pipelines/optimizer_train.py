@@ -1,0 +1,168 @@
+"""Stage `optimizer_train`: meta-train the LSTM optimizer on a task distribution; save, log, register it.
+
+Outputs: models/learned_optimizer/ (omega: safetensors + JSON), runs/learned_optimizer/train.json
+(MLflow run, registered version, costs, gate metric), metrics/learned_optimizer/meta_curve.csv.
+Registered as `<prefix>-<optimizer.name>` and gated on the loss drop it reaches on validation tasks;
+the first version is promoted when none is in production and `registry.promote_first` is set.
+A divergence (in meta-training or on the validation tasks) stops the stage: nothing is saved or registered.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from _stage import PREPARED, ROOT, params, run_guarded
+
+from metaflowlib import registry, tracking
+from metaflowlib.config import Params
+from metaflowlib.errors import DivergenceError, Interrupted
+from metaflowlib.io import atomic_path, write_json
+from metaflowlib.optim.benchmark import run_trajectory
+from metaflowlib.optim.learned import LSTMOptimizerNet, save_optimizer
+from metaflowlib.optim.meta_train import meta_train_optimizer
+from metaflowlib.optim.suites import (
+    load_pools,
+    meta_training_distribution,
+    validation_tasks,
+)
+from metaflowlib.optim.tasks import ImagePool
+from metaflowlib.runtime import resolve_device, seed_everything
+
+MODEL_DIR = Path("models") / "learned_optimizer"
+RUN_FILE = Path("runs") / "learned_optimizer" / "train.json"
+CURVE_FILE = Path("metrics") / "learned_optimizer" / "meta_curve.csv"
+GATE_METRIC = "val_loss_drop"  # mean 1 - final / initial training loss on the validation tasks: higher is better
+LOG_EVERY = 20  # meta-steps per progress line and per batch of MLflow metrics
+
+
+class _BudgetSpent(Exception):
+    """Raised by the logging callback when the time budget is spent, after a complete meta-step."""
+
+
+def protocol(p: Params) -> str:
+    """What makes two versions' gate metrics comparable: the validation tasks and horizon, not the training knobs."""
+    op = p.optimizer
+    setup = {"dataset": p.data.name, "image_size": op.image_size, "hidden": op.hidden, "batch_size": op.batch_size,
+             "models": op.models, "omniglot": op.omniglot.model_dump(), "horizon": op.meta_train.horizon,
+             "fashion": op.fashion.model_dump(exclude={"source", "verify_checksums"}),
+             "validation_tasks": op.meta_train.validation_tasks}
+    digest = hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{p.data.name}+fashion-mnist/h{op.meta_train.horizon}/{digest}"
+
+
+def meta_train(p: Params, net: LSTMOptimizerNet, pools: dict[str, ImagePool], device, log) -> tuple[list[dict], float]:
+    """Truncated BPTT until the profile's budget (meta-steps or seconds) is spent; returns the history and seconds."""
+    mt = p.optimizer.meta_train
+    budget = getattr(mt.budget, p.profile)
+    history: list[dict] = []
+    start = time.perf_counter()
+
+    def record(metrics: dict[str, float], step: int) -> None:
+        history.append({"step": step, **metrics})
+        if (step + 1) % LOG_EVERY == 0:
+            recent = history[-LOG_EVERY:]
+            mean = {k: sum(h[k] for h in recent) / len(recent) for k in ("meta_loss", "loss")}
+            log(mean, step)
+            print(f"optimizer_train: meta-step {step + 1}/{budget.steps or '-'}  meta-loss {mean['meta_loss']:.4f}  "
+                  f"{time.perf_counter() - start:.0f}s", flush=True)
+        if budget.seconds is not None and time.perf_counter() - start >= budget.seconds:
+            raise _BudgetSpent
+
+    distribution = meta_training_distribution(p.optimizer, pools, device)
+    try:
+        meta_train_optimizer(net, distribution, steps=budget.steps or sys.maxsize, unroll=mt.unroll,
+                             horizon=mt.horizon, lr=mt.lr, seed=p.optimizer.seed,
+                             divergence_factor=mt.divergence_factor, log=record)
+    except _BudgetSpent:
+        pass
+    return history, time.perf_counter() - start
+
+
+def validate(p: Params, net: LSTMOptimizerNet, pools: dict[str, ImagePool], device) -> float:
+    """The gate metric on the validation tasks; a divergence there refuses the optimizer like one in meta-training."""
+    mt = p.optimizer.meta_train
+    drops = []
+    for task in validation_tasks(p.optimizer, pools, device):
+        run = run_trajectory(task, net, mt.horizon, record_every=mt.horizon, divergence_factor=mt.divergence_factor)
+        if run.diverged_at is not None:
+            raise DivergenceError(f"the meta-trained optimizer diverged on validation task {task.name} at optimizee "
+                                  f"step {run.diverged_at} (loss not finite or above {mt.divergence_factor:g} x initial)")
+        drops.append(1 - run.train_loss[-1] / run.train_loss[0])
+    return sum(drops) / len(drops)
+
+
+def train_and_register(p: Params, root: Path, pools: dict[str, ImagePool]) -> dict:
+    """Meta-train, validate, save, log and register; returns what runs/learned_optimizer/train.json records."""
+    import mlflow
+
+    from metaflowlib.optim.pyfunc import log_optimizer_model
+
+    op = p.optimizer
+    device = resolve_device(p.device)
+    seed_everything(op.seed)
+    net = LSTMOptimizerNet(**op.net.model_dump()).to(device)
+    tracking.configure(p.mlflow.tracking_uri)
+    experiment = tracking.experiment_id(p.experiment, str(root / p.mlflow.artifact_location))
+    tags = {"stage": "optimizer_train", "method": "learned_optimizer", "profile": p.profile, "dataset": p.data.name,
+            **tracking.system_tags(device)}
+    with mlflow.start_run(experiment_id=experiment, run_name="optimizer_train", tags=tags) as run:
+        mlflow.log_params(tracking.flatten_params({"optimizer": op.model_dump(mode="json"), "profile": p.profile}))
+        try:
+            history, seconds = meta_train(p, net, pools, device, tracking.MetricLogger(run.info.run_id))
+            gate = validate(p, net, pools, device)
+        except DivergenceError as error:
+            mlflow.set_tag("diverged", "true")
+            raise DivergenceError(f"{error}; refusing to save or register a diverged optimizer") from None
+        except Interrupted:
+            mlflow.end_run(status="KILLED")
+            raise
+        costs = {"meta_train_seconds": seconds, "meta_train_steps": len(history),
+                 "optimizee_steps": len(history) * op.meta_train.unroll, GATE_METRIC: gate}
+        mlflow.log_metrics(costs)
+        directory = save_optimizer(net, root / MODEL_DIR)
+        model_uri = log_optimizer_model(directory)
+        write_curve(root / CURVE_FILE, history)
+        mlflow.log_artifact(str(root / CURVE_FILE), "meta_training")
+    name = p.registered_name(op.name)
+    version = registry.register(
+        model_uri, name,
+        {GATE_METRIC: gate, registry.GATE_TAG: GATE_METRIC, "protocol": protocol(p), "kind": "lstm_optimizer",
+         "meta_train_steps": len(history), "git_commit": tracking.git_commit()},
+        f"LSTM optimizer meta-trained for {len(history)} meta-steps ({seconds:.0f}s) on {', '.join(op.models)} "
+        f"classifiers of Omniglot train classes and Fashion-MNIST classes {list(op.fashion.train_classes)}; "
+        f"validation loss drop at {op.meta_train.horizon} steps {gate:.4f}",
+        "Learned LSTM optimizer (Andrychowicz et al. 2016): predict({'gradients': float [T, N]}) -> updates [T, N]",
+    )
+    promoted = None
+    if p.registry.promote_first and registry.get_alias(name) is None:
+        promoted = registry.promote(name, version.version, GATE_METRIC)
+    out = {"run_id": run.info.run_id, "experiment_id": experiment, "model_uri": model_uri, "name": name,
+           "version": version.version, "promoted": promoted is not None, **costs}
+    write_json(root / RUN_FILE, out)
+    return out
+
+
+def write_curve(path: Path, history: list[dict]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["step", "meta_loss", "loss", "task", "optimizee_step"],
+                                extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def main() -> None:
+    p = params()
+    out = train_and_register(p, ROOT, load_pools(p.optimizer, PREPARED, ROOT))
+    print(f"optimizer_train: {out['meta_train_steps']} meta-steps in {out['meta_train_seconds']:.0f}s, "
+          f"{GATE_METRIC} {out[GATE_METRIC]:.4f}; {out['name']} v{out['version']}"
+          + (" promoted to production" if out["promoted"] else f" (promote with `metaflowlib promote {out['name']} "
+                                                                f"{out['version']}`)") + f", MLflow run {out['run_id']}")
+
+
+if __name__ == "__main__":
+    run_guarded(main)

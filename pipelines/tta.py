@@ -1,0 +1,107 @@
+"""Stage `tta@<strategy>`: adapt the production classifier on every corruption x severity of the shifted set.
+
+Reads registry/tta_production.json (the versions `tta_model` resolved from
+the `production` alias) and data/tta/fashion-mnist-c/. Outputs, under
+metrics/tta/strategies/ and runs/tta/strategies/: `<key>.json` (DVC metrics:
+error per corruption and severity, mean per severity, clean error, cost),
+`<key>.csv` (DVC plot: mean error vs severity, 0 = clean), and the MLflow run,
+tagged with the model name and version it adapted.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+from _stage import ROOT, params, run_guarded
+from tta_data import SHIFTED
+from tta_model import PRODUCTION
+
+from metaflowlib import registry, tracking
+from metaflowlib.config import Params
+from metaflowlib.errors import DataError, RegistryError
+from metaflowlib.io import atomic_path, read_json, write_json
+from metaflowlib.runtime import resolve_device, seed_everything
+from metaflowlib.tta.benchmark import adapter_options, evaluate_strategy
+from metaflowlib.tta.pyfunc import load_registered
+from metaflowlib.tta.shifted import load_shifted
+
+METRICS = Path("metrics") / "tta" / "strategies"
+RUNS = Path("runs") / "tta" / "strategies"
+
+
+def production_reference(p: Params, model: str, root: Path) -> dict:
+    """The version tta_model recorded, checked against the alias now: what DVC tracked is what gets adapted."""
+    name = p.tta.registered_name(model)
+    current = registry.require_production(name)
+    path = root / PRODUCTION
+    if not path.is_file():
+        raise DataError(f"{path} is missing: run `dvc repro tta_model` (it records the production versions)")
+    reference = read_json(path)[model]
+    if reference["name"] != name or reference["version"] != current.version:
+        raise RegistryError(f"{PRODUCTION} names {reference['name']} v{reference['version']} but {name} production is "
+                            f"v{current.version}: run `dvc repro` so that tta_model records the current one")
+    return reference
+
+
+def run(p: Params, key: str, root: Path) -> dict:
+    """Evaluate strategy `key`, write its outputs under `root`, log its MLflow run; returns the metrics."""
+    import mlflow
+    import torch
+
+    strategy = p.tta.strategy(key)
+    tracking.configure(p.mlflow.tracking_uri)
+    reference = production_reference(p, strategy.model, root)
+    device = resolve_device(p.device)
+    model, _ = load_registered(reference["uri"])
+    model = model.to(device)
+    if p.tta.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    shifted = load_shifted(root / SHIFTED)
+    seed_everything(p.tta.seed)
+    result = evaluate_strategy(strategy.kind, model, adapter_options(strategy), shifted, strategy.batch_size, device,
+                               p.tta.channels_last)
+    metrics = result.metrics()
+    experiment = tracking.experiment_id(p.tta.experiment, str(root / p.mlflow.artifact_location))
+    tags = {"stage": f"tta@{key}", "strategy": key, "kind": strategy.kind, "model_name": reference["name"],
+            "model_version": reference["version"], "model_run_id": reference["run_id"],
+            "data_digest": shifted.info["digest"], "memory_kind": result.memory_kind, **tracking.system_tags(device)}
+    with mlflow.start_run(experiment_id=experiment, run_name=f"tta@{key}", tags=tags) as mlflow_run:
+        mlflow.log_params(tracking.flatten_params({"strategy": strategy.model_dump(mode="json"), "images": len(shifted.labels),
+                                                    "seed": p.tta.seed, "channels_last": p.tta.channels_last}))
+        flat = {f"error_{c}_s{s}": e for c, by in metrics["error"].items() for s, e in by.items()}
+        flat.update({f"mean_error_s{s}": e for s, e in metrics["mean_error"].items()})
+        flat.update({k: v for k, v in metrics.items() if not isinstance(v, dict)})
+        mlflow.log_metrics(flat)
+    write_json(root / METRICS / f"{key}.json", metrics)
+    write_curve(root / METRICS / f"{key}.csv", metrics)
+    write_json(root / RUNS / f"{key}.json", {"run_id": mlflow_run.info.run_id, "experiment_id": experiment,
+                                            "strategy": strategy.model_dump(mode="json"), "name": reference["name"],
+                                            "version": reference["version"], "model_run_id": reference["run_id"],
+                                            "model_uri": reference["uri"]})
+    return metrics
+
+
+def write_curve(path: Path, metrics: dict) -> None:
+    """Mean error per severity, severity 0 being the clean images."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["severity", "mean_error"])
+        writer.writerow([0, metrics["error_clean"]])
+        writer.writerows([int(s), e] for s, e in metrics["mean_error"].items())
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        raise SystemExit(f"usage: python {Path(sys.argv[0]).name} <strategy key from params.yaml tta.strategies>")
+    p, key = params(), sys.argv[1]
+    metrics = run(p, key, ROOT)
+    worst = max(metrics["mean_error"], key=int)
+    print(f"tta@{key}: mean error {100 * metrics['mean_error'][worst]:.1f}% at severity {worst} "
+          f"({100 * metrics['mean_error_all']:.1f}% over severities, clean {100 * metrics['error_clean']:.1f}%), "
+          f"{metrics['ms_per_batch']:.1f} ms per batch of {p.tta.strategy(key).batch_size}")
+
+
+if __name__ == "__main__":
+    run_guarded(main)

@@ -1,0 +1,103 @@
+"""Stage `tta_source`: train the source classifier and its TTT twin on Fashion-MNIST train; register both.
+
+Outputs: models/tta/{source,ttt}/ (safetensors + JSON), runs/tta/source.json
+(MLflow runs, registered versions), metrics/tta/clean.json (clean test
+accuracy, training cost). Registered as `<tta.model_prefix>-source` and
+`-ttt`, gated on clean test accuracy; the first version of each is promoted
+when none is in production and `registry.promote_first` is set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from _stage import ROOT, params, run_guarded
+
+from metaflowlib import registry, tracking
+from metaflowlib.config import Params
+from metaflowlib.data.fashion_mnist import CLASSES, load_fashion_mnist
+from metaflowlib.io import write_json
+from metaflowlib.runtime import resolve_device, resolve_precision, seed_everything
+from metaflowlib.tta.classifier import (
+    KINDS,
+    accuracy,
+    build_classifier,
+    save_classifier,
+    train_classifier,
+)
+from metaflowlib.tta.pyfunc import log_classifier_model
+
+MODELS = Path("models") / "tta"
+RUNS_FILE = Path("runs") / "tta" / "source.json"
+CLEAN_METRICS = Path("metrics") / "tta" / "clean.json"
+GATE_METRIC = "acc_clean"  # registry tag: a new version must beat production's clean test accuracy
+IMAGE_SIZE = 28
+DESCRIPTIONS = {
+    "source": "Conv-4 + BatchNorm classifier trained on cross-entropy: the model the source, bn and tent strategies adapt",
+    "ttt": "Conv-4 + BatchNorm trained on main + rotation-prediction loss (Sun et al. 2020): the model the ttt strategy adapts",
+}
+
+
+def train_and_register(p: Params, root: Path) -> dict:
+    """Train, log, save and register both classifiers; returns what runs/tta/source.json records."""
+    import mlflow
+
+    t = p.tta.training
+    device = resolve_device(p.device)
+    dtype = resolve_precision(t.precision, device)
+    data = load_fashion_mnist(p.tta.data.source, root, verify=p.tta.data.verify_checksums)
+    images, labels = data["train"].images, data["train"].labels
+    if t.train_images is not None:
+        keep = np.random.default_rng(p.tta.seed).permutation(len(labels))[: t.train_images]
+        images, labels = images[keep], labels[keep]
+    tracking.configure(p.mlflow.tracking_uri)
+    experiment = tracking.experiment_id(p.tta.experiment, str(root / p.mlflow.artifact_location))
+    out = {}
+    for kind in KINDS:
+        seed_everything(p.tta.seed)  # the twin starts from the same seed and sees the same batches
+        config = {"num_classes": len(CLASSES), "image_size": IMAGE_SIZE, "hidden": t.hidden,
+                  **({"shared_blocks": t.shared_blocks} if kind == "ttt" else {})}
+        model = build_classifier(kind, **config).to(device)
+        if p.tta.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        tags = {"stage": "tta_source", "kind": kind, "dataset": "fashion-mnist", **tracking.system_tags(device)}
+        with mlflow.start_run(experiment_id=experiment, run_name=f"tta_source@{kind}", tags=tags) as run:
+            mlflow.log_params(tracking.flatten_params({"training": t.model_dump(mode="json"), "kind": kind,
+                                                        "seed": p.tta.seed, "train_images": len(labels)}))
+            result = train_classifier(model, kind, images, labels, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
+                                      seed=p.tta.seed, device=device, dtype=dtype, channels_last=p.tta.channels_last,
+                                      log=tracking.MetricLogger(run.info.run_id))
+            clean = accuracy(model, data["test"].images, data["test"].labels, device)
+            costs = {GATE_METRIC: clean, "train_seconds": result.seconds, "train_steps": result.steps}
+            mlflow.log_metrics(costs)
+            directory = save_classifier(model, root / MODELS / kind, kind, config, extra={"run_id": run.info.run_id})
+            model_uri = log_classifier_model(directory, IMAGE_SIZE)
+        name = p.tta.registered_name(kind)
+        version = registry.register(
+            model_uri, name,
+            {GATE_METRIC: clean, registry.GATE_TAG: GATE_METRIC, "protocol": "fashion-mnist", "kind": kind,
+             "git_commit": tracking.git_commit()},
+            f"{kind} classifier, {t.epochs} epochs on {len(labels)} Fashion-MNIST train images; clean test accuracy {clean:.4f}",
+            DESCRIPTIONS[kind] + "; predict({'images': uint8 [N, 28, 28]}) -> labels, probabilities",
+        )
+        promoted = None
+        if p.registry.promote_first and registry.get_alias(name) is None:
+            promoted = registry.promote(name, version.version, GATE_METRIC)
+        out[kind] = {"name": name, "version": version.version, "run_id": run.info.run_id, "model_uri": model_uri,
+                     "promoted": promoted is not None, **costs}
+    write_json(root / RUNS_FILE, out)
+    write_json(root / CLEAN_METRICS, {kind: {k: v[k] for k in (GATE_METRIC, "train_seconds")} for kind, v in out.items()})
+    return out
+
+
+def main() -> None:
+    out = train_and_register(params(), ROOT)
+    shown = "; ".join(f"{v['name']} v{v['version']} clean acc {v[GATE_METRIC]:.4f} ({v['train_seconds']:.0f}s)"
+                      + (" promoted" if v["promoted"] else "") for v in out.values())
+    print(f"tta_source: {shown}")
+
+
+if __name__ == "__main__":
+    run_guarded(main)
