@@ -33,6 +33,8 @@ from metaflowlib.errors import ConfigError
 from metaflowlib.evaluate import task_accuracies
 from metaflowlib.io import write_json
 from metaflowlib.runtime import resolve_device, seed_everything
+from metaflowlib.serving.log import unwrap_registered
+from metaflowlib.serving.pyfunc import FewShotModel
 
 CLEAN = "clean"
 
@@ -49,7 +51,7 @@ def main() -> None:
     tracking.configure(p.mlflow.tracking_uri)
     name = p.registered_name(key)
     production = registry.require_production(name)
-    model = mlflow.pyfunc.load_model(f"models:/{name}/{production.version}").unwrap_python_model()
+    model = unwrap_registered(f"models:/{name}/{production.version}", FewShotModel, "a few-shot meta-model")
     method, size = model.method.to(device).eval(), model.image_size
     ways, shots = p.settings_of(s.setting)
     strategies = {"source": {}}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,19 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+def load_stage(name: str):
+    """Import pipelines/<name>.py as a module, to call a stage's functions in-process (its `_stage` import
+    puts the project root on sys.path)."""
+    sys.path.insert(0, str(ROOT / "pipelines"))
+    try:
+        spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "pipelines" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(ROOT / "pipelines"))
 
 
 def class_images(classes: int, per_class: int, size: int = 28, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

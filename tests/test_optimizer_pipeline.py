@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 
 import mlflow
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, class_images
+from conftest import ROOT, class_images, load_stage as stage
 
 from metaflowlib import registry
 from metaflowlib.config import parse_params
@@ -32,18 +30,6 @@ TINY = {
     "evaluate": {"tasks": 2, "horizons": [1, 2], "record_every": 2, "tuning_tasks": 1, "adam_lrs": [0.001, 0.01],
                  "sgd_lrs": [0.01, 0.1]},
 }
-
-
-def stage(name: str):
-    """Import pipelines/<name>.py as a module (its `_stage` import puts the project root on sys.path)."""
-    sys.path.insert(0, str(ROOT / "pipelines"))
-    try:
-        spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "pipelines" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(ROOT / "pipelines"))
 
 
 def tiny_params(promote_first: bool = True, **changes):

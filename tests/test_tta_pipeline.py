@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import sys
 
 import mlflow
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, class_images
+from conftest import ROOT, class_images, load_stage as stage
 from test_fashion_mnist import write_idx
 
 from metaflowlib import registry
@@ -29,18 +27,6 @@ from metaflowlib.tta.shifted import build_shifted, load_shifted
 pytestmark = pytest.mark.usefixtures("one_thread")
 IMAGES = 20  # test images per corruption x severity
 SOURCE, TTT = "fashion-mnist-source", "fashion-mnist-ttt"
-
-
-def stage(name: str):
-    """Import pipelines/<name>.py as a module (its `_stage` import puts the project root on sys.path)."""
-    sys.path.insert(0, str(ROOT / "pipelines"))
-    try:
-        spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "pipelines" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(ROOT / "pipelines"))
 
 
 def tiny_params(data_dir, promote_first: bool = True):

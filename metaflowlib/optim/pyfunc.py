@@ -13,8 +13,8 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 
-import metaflowlib
-from metaflowlib.errors import PayloadError, RegistryError
+from metaflowlib.errors import PayloadError
+from metaflowlib.serving.log import log_code_model, unwrap_registered
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # by path: importing it would run set_model here
 MAX_VALUES = 10_000_000  # T x N per request: a larger payload is refused rather than exhausting memory
@@ -62,20 +62,9 @@ def example_payload() -> dict[str, np.ndarray]:
 
 def log_optimizer_model(directory: str | Path, name: str = "model") -> str:
     """Log the optimizer directory (safetensors + JSON) as a pyfunc model into the active run; returns its URI."""
-    info = mlflow.pyfunc.log_model(
-        name=name,
-        python_model=str(MODEL_CODE),
-        artifacts={"optimizer": str(directory)},
-        signature=signature(),
-        input_example=example_payload(),
-        pip_requirements=[f"metaflowlib=={metaflowlib.__version__}", "torch", "safetensors", "numpy"],
-    )
-    return info.model_uri
+    return log_code_model(MODEL_CODE, {"optimizer": str(directory)}, signature(), example_payload(), name)
 
 
 def load_registered(uri: str):
     """The `LSTMOptimizerNet` behind a registered learned-optimizer URI (`models:/<name>/<version>`)."""
-    model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
-    if not isinstance(model, LearnedOptimizerModel):
-        raise RegistryError(f"{uri} is not a learned optimizer (a {type(model).__name__})")
-    return model.net
+    return unwrap_registered(uri, LearnedOptimizerModel, "a learned optimizer").net

@@ -45,14 +45,32 @@ def log_pyfunc_model(omega_dir: str | Path, ways: int = 2, name: str = "model") 
     `ways` sizes the stored input example (a fixed N-way head needs N-way tasks);
     the registry's load check replays that example before promoting.
     """
+    return log_code_model(MODEL_CODE, {"meta_knowledge": str(omega_dir)}, signature(), example_payload(ways), name)
+
+
+def log_code_model(code: Path, artifacts: dict[str, str], model_signature, input_example: dict, name: str = "model") -> str:
+    """The one way this project logs a model: MLflow "models from code" (`code` calls set_model)
+    over safetensors + JSON artifact directories, so nothing is pickled; returns the model URI."""
     import mlflow
 
     info = mlflow.pyfunc.log_model(
         name=name,
-        python_model=str(MODEL_CODE),
-        artifacts={"meta_knowledge": str(omega_dir)},
-        signature=signature(),
-        input_example=example_payload(ways),
+        python_model=str(code),
+        artifacts=artifacts,
+        signature=model_signature,
+        input_example=input_example,
         pip_requirements=[f"metaflowlib=={metaflowlib.__version__}", "torch", "safetensors", "numpy"],
     )
     return info.model_uri
+
+
+def unwrap_registered(uri: str, expected: type, what: str):
+    """The loaded python model behind a registered URI, refusing one of another kind (`what` names the expected one)."""
+    import mlflow
+
+    from metaflowlib.errors import RegistryError
+
+    model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    if not isinstance(model, expected):
+        raise RegistryError(f"{uri} is not {what} (a {type(model).__name__})")
+    return model

@@ -14,8 +14,8 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 
-import metaflowlib
-from metaflowlib.errors import PayloadError, RegistryError
+from metaflowlib.errors import PayloadError
+from metaflowlib.serving.log import log_code_model, unwrap_registered
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # by path: importing it would run set_model here
 MAX_IMAGES = 20_000  # per request: a larger payload is refused rather than exhausting memory
@@ -70,20 +70,10 @@ def example_payload(size: int) -> dict[str, np.ndarray]:
 
 def log_classifier_model(directory: str | Path, image_size: int, name: str = "model") -> str:
     """Log the classifier directory as a pyfunc model into the active run; returns its model URI."""
-    info = mlflow.pyfunc.log_model(
-        name=name,
-        python_model=str(MODEL_CODE),
-        artifacts={"classifier": str(directory)},
-        signature=signature(),
-        input_example=example_payload(image_size),
-        pip_requirements=[f"metaflowlib=={metaflowlib.__version__}", "torch", "safetensors", "numpy"],
-    )
-    return info.model_uri
+    return log_code_model(MODEL_CODE, {"classifier": str(directory)}, signature(), example_payload(image_size), name)
 
 
 def load_registered(uri: str):
     """The torch module and config.json behind a registered classifier URI (`models:/<name>/<version>`)."""
-    model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
-    if not isinstance(model, ClassifierModel):
-        raise RegistryError(f"{uri} is not a TTA source classifier (a {type(model).__name__})")
+    model = unwrap_registered(uri, ClassifierModel, "a TTA source classifier")
     return model.model, model.config
