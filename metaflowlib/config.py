@@ -318,7 +318,7 @@ class BNStrategy(StrategyBase):
 class GradientStrategy(StrategyBase):
     """A strategy that takes optimizer steps on an unsupervised loss of each test batch."""
 
-    optimizer: Literal["adam", "sgd"]
+    optimizer: Literal["adam", "sgd", "learned"]  # learned: the production learned LSTM optimizer (lr unused)
     lr: float = Field(gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)  # sgd only
     steps: int | None = Field(None, ge=1)
@@ -335,7 +335,7 @@ class TentStrategy(GradientStrategy):
     """Wang et al.'s reference: Adam lr 1e-3, one step per batch, online."""
 
     kind: Literal["tent"]
-    optimizer: Literal["adam", "sgd"] = "adam"
+    optimizer: Literal["adam", "sgd", "learned"] = "adam"
     lr: float = Field(1e-3, gt=0)
     steps: int = Field(1, ge=1)
     episodic: bool = False
@@ -345,7 +345,7 @@ class TTTStrategy(GradientStrategy):
     """Sun et al.: SGD lr 1e-3; episodic (standard, 10 steps) or online (1 step, the default)."""
 
     kind: Literal["ttt"]
-    optimizer: Literal["adam", "sgd"] = "sgd"
+    optimizer: Literal["adam", "sgd", "learned"] = "sgd"
     lr: float = Field(1e-3, gt=0)
     episodic: bool = False
     update_rotation_head: bool = False
@@ -497,6 +497,15 @@ class OptimizerEvaluate(Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
 
 
+class OptimizerFinetune(Strict):
+    """The production learned optimizer driving MAML-family test-time fine-tuning (stage `optimizer_finetune`)."""
+
+    methods: tuple[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")], ...] = ()  # keys of `methods` with an inner loop
+    setting: Annotated[str, Field(pattern=SETTING_PATTERN)] = "5w1s"
+    tasks: int = Field(200, ge=1)
+    learned_steps: int = Field(10, ge=1)  # a second run with this many learned steps (the first uses the model's own count)
+
+
 class LearnedOptimizerParams(Strict):
     """Meta-training and evaluation of the LSTM optimizer on a distribution of small-classifier tasks."""
 
@@ -511,6 +520,7 @@ class LearnedOptimizerParams(Strict):
     net: OptimizerNetParams = OptimizerNetParams()
     meta_train: OptimizerMetaTrain = OptimizerMetaTrain()
     evaluate: OptimizerEvaluate = OptimizerEvaluate()
+    finetune: OptimizerFinetune = OptimizerFinetune()
 
     @model_validator(mode="after")
     def _consistent(self) -> LearnedOptimizerParams:
@@ -565,9 +575,10 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _shift_methods_exist(self) -> Params:
-        unknown = [m for m in self.shift.methods if m not in self.methods]
-        if unknown:
-            raise ValueError(f"shift.methods {unknown} are not keys of methods (have: {', '.join(self.methods)})")
+        for field, keys in (("shift.methods", self.shift.methods), ("optimizer.finetune.methods", self.optimizer.finetune.methods)):
+            unknown = [m for m in keys if m not in self.methods]
+            if unknown:
+                raise ValueError(f"{field} {unknown} are not keys of methods (have: {', '.join(self.methods)})")
         return self
 
     @model_validator(mode="after")

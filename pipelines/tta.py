@@ -16,7 +16,7 @@ from pathlib import Path
 
 from _stage import ROOT, params, run_guarded
 from tta_data import SHIFTED
-from tta_model import PRODUCTION
+from tta_model import LEARNED, PRODUCTION
 
 from metaflowlib import registry, tracking
 from metaflowlib.config import Params
@@ -33,7 +33,7 @@ RUNS = Path("runs") / "tta" / "strategies"
 
 def production_reference(p: Params, model: str, root: Path) -> dict:
     """The version tta_model recorded, checked against the alias now: what DVC tracked is what gets adapted."""
-    name = p.tta.registered_name(model)
+    name = p.registered_name(p.optimizer.name) if model == LEARNED else p.tta.registered_name(model)
     current = registry.require_production(name)
     path = root / PRODUCTION
     if not path.is_file():
@@ -60,12 +60,18 @@ def run(p: Params, key: str, root: Path) -> dict:
         model = model.to(memory_format=torch.channels_last)
     shifted = load_shifted(root / SHIFTED)
     seed_everything(p.tta.seed)
-    result = evaluate_strategy(strategy.kind, model, adapter_options(strategy), shifted, strategy.batch_size, device,
+    learned = None
+    if getattr(strategy, "optimizer", None) == "learned":
+        from metaflowlib.optim.pyfunc import load_registered as load_optimizer
+
+        learned = load_optimizer(production_reference(p, LEARNED, root)["uri"]).to(device).eval()
+    result = evaluate_strategy(strategy.kind, model, adapter_options(strategy, learned), shifted, strategy.batch_size, device,
                                p.tta.channels_last)
     metrics = result.metrics()
     experiment = tracking.experiment_id(p.tta.experiment, str(root / p.mlflow.artifact_location))
     tags = {"stage": f"tta@{key}", "strategy": key, "kind": strategy.kind, "model_name": reference["name"],
             "model_version": reference["version"], "model_run_id": reference["run_id"],
+            **({"optimizer_model": f"{p.registered_name(p.optimizer.name)}"} if learned is not None else {}),
             "data_digest": shifted.info["digest"], "memory_kind": result.memory_kind, **tracking.system_tags(device)}
     with mlflow.start_run(experiment_id=experiment, run_name=f"tta@{key}", tags=tags) as mlflow_run:
         mlflow.log_params(tracking.flatten_params({"strategy": strategy.model_dump(mode="json"), "images": len(shifted.labels),

@@ -1,7 +1,8 @@
 """Stage `tta_model` (always runs): which registered versions are in production now.
 
 Output: registry/tta_production.json ({model: {name, version, run_id, uri}}
-for the source classifier and its TTT twin). DVC cannot see an MLflow alias,
+for the source classifier, its TTT twin and, when a strategy uses it, the
+learned optimizer). DVC cannot see an MLflow alias,
 so this cheap stage turns it into a file; the `tta@<strategy>` stages depend
 on that file and rerun only when its content changes, i.e. when a person
 promotes (or rolls back) another version.
@@ -19,14 +20,18 @@ from metaflowlib.io import write_json
 from metaflowlib.tta.classifier import KINDS
 
 PRODUCTION = Path("registry") / "tta_production.json"
+LEARNED = "learned_optimizer"
 
 
 def resolve(p: Params, root: Path) -> dict:
     """The production version of each classifier; a missing alias says how to promote one."""
     tracking.configure(p.mlflow.tracking_uri)
     out = {}
-    for model in KINDS:
-        info = registry.require_production(p.tta.registered_name(model))
+    names = {model: p.tta.registered_name(model) for model in KINDS}
+    if any(getattr(strategy, "optimizer", None) == "learned" for strategy in p.tta.strategies.values()):
+        names[LEARNED] = p.registered_name(p.optimizer.name)  # the update rule of a `learned` strategy
+    for model, name in names.items():
+        info = registry.require_production(name)
         out[model] = {"name": info.name, "version": info.version, "run_id": info.run_id,
                       "uri": f"models:/{info.name}/{info.version}"}
     write_json(root / PRODUCTION, out)

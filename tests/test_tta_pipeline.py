@@ -20,7 +20,7 @@ from metaflowlib.data.corruptions import CORRUPTIONS
 from metaflowlib.data.fashion_mnist import FILES, IMAGES_MAGIC, LABELS_MAGIC
 from metaflowlib.errors import ConfigError, PayloadError, RegistryError
 from metaflowlib.models import BatchNorm2d
-from metaflowlib.tta.benchmark import evaluate_strategy
+from metaflowlib.tta.benchmark import adapter_options, evaluate_strategy
 from metaflowlib.tta.classifier import build_classifier
 from metaflowlib.tta.shifted import build_shifted, load_shifted
 
@@ -176,7 +176,8 @@ def test_batches_are_cut_evenly_so_none_has_a_single_image():
 
 def test_params_tta_block():
     p = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text()))
-    assert list(p.tta.strategies) == ["source", "bn", "tent", "ttt"]
+    assert list(p.tta.strategies) == ["source", "bn", "tent", "tent_learned", "ttt"]
+    assert p.tta.strategies["tent_learned"].kind == "tent" and p.tta.strategies["tent_learned"].optimizer == "learned"
     assert p.tta.strategies["tent"] == TentStrategy(kind="tent", optimizer="adam", lr=1e-3, batch_size=200, steps=1, episodic=False)
     assert p.tta.strategies["ttt"].model == "ttt" and p.tta.strategies["bn"].model == "source"
     assert p.tta.registered_name("ttt") == TTT
@@ -195,3 +196,24 @@ def test_params_tta_block():
     assert "  tta.strategies.ttt_std.oops: Extra inputs are not permitted (got 1)" in lines
     with pytest.raises(ConfigError, match="no strategy 'gone' in params.yaml tta.strategies"):
         p.tta.strategy("gone")
+
+
+def test_tent_takes_the_learned_optimizer_as_its_update_rule():
+    from metaflowlib.adaptation import build_adapter
+    from metaflowlib.optim.learned import LSTMOptimizerNet
+
+    torch.manual_seed(0)
+    strategy = TentStrategy(kind="tent", optimizer="learned")
+    with pytest.raises(ValueError, match="needs the registered learned optimizer"):
+        adapter_options(strategy)
+    model = build_classifier("source", 10, 28, 4)
+    source = {k: v.clone() for k, v in model.state_dict().items()}
+    adapter = build_adapter("tent", model, **adapter_options(strategy, LSTMOptimizerNet(hidden_size=4, output_scale=1.0)))
+    before = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+    for _ in range(2):  # online: the LSTM's memory and the BN affine parameters carry over
+        adapter.predict(torch.rand(16, 1, 28, 28))
+    moved = {k for k, v in adapter.model.state_dict().items() if not torch.equal(v, before[k])}
+    affine = {f"{name}.{p}" for name, m in adapter.model.named_modules() if isinstance(m, (torch.nn.BatchNorm2d, BatchNorm2d))
+              for p in ("weight", "bias")}
+    assert moved and moved <= affine
+    assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items())  # the source model is untouched

@@ -22,25 +22,32 @@ from torch import nn
 
 from metaflowlib.adaptation import OptimizerFactory, build_adapter
 from metaflowlib.config import GradientStrategy, StrategyParams
+from metaflowlib.optim.learned import LearnedOptimizer, LSTMOptimizerNet
 from metaflowlib.runtime import rss_peak_mb
 from metaflowlib.tta.classifier import to_input
 from metaflowlib.tta.shifted import ShiftedSet
 
 
-def optimizer_factory(name: str, lr: float, momentum: float = 0.0) -> OptimizerFactory:
-    """Adam (betas 0.9/0.999, TENT's) or SGD, no weight decay, over whatever parameters the adapter trains."""
+def optimizer_factory(name: str, lr: float, momentum: float = 0.0, learned: LSTMOptimizerNet | None = None) -> OptimizerFactory:
+    """Adam (betas 0.9/0.999, TENT's), SGD (no weight decay) or the learned LSTM optimizer `learned`,
+    over whatever parameters the adapter trains."""
+    if name == "learned":
+        if learned is None:
+            raise ValueError("the 'learned' test-time optimizer needs the registered learned optimizer (none was loaded)")
+        return functools.partial(LearnedOptimizer, net=learned)
     if name == "adam":
         return functools.partial(torch.optim.Adam, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     if name == "sgd":
         return functools.partial(torch.optim.SGD, lr=lr, momentum=momentum, weight_decay=0.0)
-    raise ValueError(f"unknown test-time optimizer {name!r}; expected 'adam' or 'sgd'")
+    raise ValueError(f"unknown test-time optimizer {name!r}; expected 'adam', 'sgd' or 'learned'")
 
 
-def adapter_options(strategy: StrategyParams) -> dict:
+def adapter_options(strategy: StrategyParams, learned: LSTMOptimizerNet | None = None) -> dict:
     """`build_adapter` keyword options from a params block (none for source and bn)."""
     if not isinstance(strategy, GradientStrategy):
         return {}
-    options = {"episodic": strategy.episodic, "optimizer": optimizer_factory(strategy.optimizer, strategy.lr, strategy.momentum)}
+    options = {"episodic": strategy.episodic,
+               "optimizer": optimizer_factory(strategy.optimizer, strategy.lr, strategy.momentum, learned)}
     if strategy.steps is not None:
         options["steps"] = strategy.steps
     if strategy.kind == "ttt":
