@@ -231,6 +231,15 @@ def _promote(name: str, version: str | int, gate_metric: str, force: bool) -> st
     return f"promoted {name} v{candidate.version} ({gate_metric} {_fmt(new_value)}) to {ALIAS}{forced}; previous: {before}"
 
 
+def promote_if_none(name: str, version: str | int, gate_metric: str) -> str | None:
+    """Promote `version` when `name` has no production version yet (checked under the same lock as
+    promote, so two pipelines registering at once promote one version); None when one already exists."""
+    with _exclusive():
+        if get_alias(name) is not None:
+            return None
+        return _promote(name, version, gate_metric, force=False)
+
+
 def rollback(name: str) -> str:
     """Point `production` back at the version it replaced last."""
     with _exclusive():

@@ -138,9 +138,7 @@ def train_and_register(p: Params, root: Path, pools: dict[str, ImagePool]) -> di
         f"validation loss drop at {op.meta_train.horizon} steps {gate:.4f}",
         "Learned LSTM optimizer (Andrychowicz et al. 2016): predict({'gradients': float [T, N]}) -> updates [T, N]",
     )
-    promoted = None
-    if p.registry.promote_first and registry.get_alias(name) is None:
-        promoted = registry.promote(name, version.version, GATE_METRIC)
+    promoted = registry.promote_if_none(name, version.version, GATE_METRIC) if p.registry.promote_first else None
     out = {"run_id": run.info.run_id, "experiment_id": experiment, "model_uri": model_uri, "name": name,
            "version": version.version, "promoted": promoted is not None, **costs}
     write_json(root / RUN_FILE, out)

@@ -34,9 +34,7 @@ def main() -> None:
 
     tracking.configure(p.mlflow.tracking_uri)
     version = registry.register(train["model_uri"], name, tags, description, model_description)
-    promoted = None
-    if p.registry.promote_first and registry.get_alias(name) is None:
-        promoted = registry.promote(name, version.version, p.registry.gate_metric)
+    promoted = registry.promote_if_none(name, version.version, p.registry.gate_metric) if p.registry.promote_first else None
     write_json(ROOT / "registry" / f"{key}.json", {"name": name, "version": version.version, "run_id": train["run_id"],
                                                   "model_uri": train["model_uri"], "promoted": promoted is not None})
     print(f"register@{key}: {name} version {version.version}" + (f"; {promoted}" if promoted else

@@ -82,9 +82,7 @@ def train_and_register(p: Params, root: Path) -> dict:
             f"{kind} classifier, {t.epochs} epochs on {len(labels)} Fashion-MNIST train images; clean test accuracy {clean:.4f}",
             DESCRIPTIONS[kind] + "; predict({'images': uint8 [N, 28, 28]}) -> labels, probabilities",
         )
-        promoted = None
-        if p.registry.promote_first and registry.get_alias(name) is None:
-            promoted = registry.promote(name, version.version, GATE_METRIC)
+        promoted = registry.promote_if_none(name, version.version, GATE_METRIC) if p.registry.promote_first else None
         out[kind] = {"name": name, "version": version.version, "run_id": run.info.run_id, "model_uri": model_uri,
                      "promoted": promoted is not None, **costs}
     write_json(root / RUNS_FILE, out)

@@ -175,3 +175,24 @@ def test_promotes_at_once_are_serialized_and_leave_one_consistent_history(tmp_pa
     assert v2_promoted <= 1
     production, history = production_and_history()
     assert production == "3" and history == ["1", "2"][: 1 + v2_promoted]  # every replaced version once, in order
+
+
+FIRST_PROMOTER = """
+import sys, mlflow
+from metaflowlib import registry
+uri, version = sys.argv[1], sys.argv[2]
+mlflow.set_tracking_uri(uri); mlflow.set_registry_uri(uri)
+print(registry.promote_if_none(sys.argv[3], version, "acc_5w1s"))
+"""
+
+
+def test_two_first_registrations_at_once_promote_exactly_one(tmp_path, store):
+    """Two pipelines' register stages, each finding no production: only one may promote (the pipeline's promote_first)."""
+    v1, v2 = new_version(tmp_path, 0.90), new_version(tmp_path, 0.95)
+    results = wait_all([subprocess.Popen([sys.executable, "-c", FIRST_PROMOTER, store, v, NAME], stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True) for v in (v1, v2)])
+    assert all(code == 0 for code, _, _ in results), [err for _, _, err in results]
+    said = [out.strip() for _, out, _ in results]
+    assert sorted(line == "None" for line in said) == [False, True]  # one promoted, the other saw production and left it
+    winner = v1 if said[0] != "None" else v2
+    assert production_and_history() == (winner, [])
