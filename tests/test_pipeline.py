@@ -44,7 +44,8 @@ def project(tmp_path_factory, shared_data):
                                         "train_per_class": 4, "test_per_class": 3},
                                meta_train={"unroll": 2, "horizon": 4, "budget": {"default": {"steps": 4}}, "validation_tasks": 1},
                                evaluate={"tasks": 1, "horizons": [1, 2], "record_every": 2, "tuning_tasks": 1,
-                                         "adam_lrs": [0.01], "sgd_lrs": [0.1]})
+                                         "adam_lrs": [0.01], "sgd_lrs": [0.1]},
+                               finetune={"methods": ["fomaml"], "tasks": 3, "learned_steps": 2})
     params["evaluate"].update(episodes=100, timing_tasks=5, shots_curve=[1, 5])
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -89,6 +90,9 @@ def test_dvc_repro_trains_evaluates_registers_and_serves(project):
     assert set(yaml.safe_load((root / "metrics" / "shift" / "fomaml.json").read_text())["accuracy"]) == {"source"}
     assert "## Under shift (Omniglot-C" in report
     assert (root / "metrics" / "tta" / "report.md").is_file() and (root / "metrics" / "learned_optimizer" / "eval.json").is_file()
+    assert "| tent_learned |" in (root / "metrics" / "tta" / "report.md").read_text()  # TENT driven by the learned optimizer
+    finetune = yaml.safe_load((root / "metrics" / "learned_optimizer" / "finetune.json").read_text())
+    assert set(finetune["methods"]["fomaml"]["results"]) == {"sgd_1_steps", "learned_1_steps", "learned_2_steps"}
 
     second = dvc(root, env, "repro")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
