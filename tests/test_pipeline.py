@@ -92,7 +92,7 @@ def test_dvc_repro_trains_evaluates_registers_and_serves(project):
     assert (root / "metrics" / "tta" / "report.md").is_file() and (root / "metrics" / "learned_optimizer" / "eval.json").is_file()
     assert "| tent_learned |" in (root / "metrics" / "tta" / "report.md").read_text()  # TENT driven by the learned optimizer
     finetune = yaml.safe_load((root / "metrics" / "learned_optimizer" / "finetune.json").read_text())
-    assert set(finetune["methods"]["fomaml"]["results"]) == {"sgd_1_steps", "learned_1_steps", "learned_2_steps"}
+    assert set(finetune["methods"]["fomaml"]["results"]) == {"sgd_3_steps", "learned_3_steps", "learned_2_steps"}  # fomaml: 3 test steps by default
 
     second = dvc(root, env, "repro")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
