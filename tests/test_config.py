@@ -98,6 +98,7 @@ def test_maml_family_blocks_build_their_methods():
     data = copy.deepcopy(SHIPPED)
     data["methods"] = {"m": {"kind": "fomaml"}, "r": {"kind": "reptile"}, "i": {"kind": "imaml", "lam": 0.5}}
     data["shift"]["methods"] = ["m"]
+    data["optimizer"]["finetune"]["methods"] = ["m"]
     params = parse_params(data)
     built = {k: build_method(m.kind, **m.model_config_dict(28)) for k, m in params.methods.items()}
     assert built["m"].first_order and built["i"].config()["lam"] == 0.5

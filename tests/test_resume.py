@@ -28,6 +28,7 @@ def make_project(root):
     params["methods"] = {"protonet": {"kind": "protonet", "hidden": 16, "ways": 5, "shots": 2, "queries": 3,
                                       "budget": {"default": {"episodes": EPISODES}}}}
     params["shift"]["methods"] = []
+    params["optimizer"]["finetune"]["methods"] = []
     params["train"].update(val_every=50, checkpoint_every=2, progress="log",
                            validation={"ways": 5, "shots": 1, "queries": 3, "episodes": 20})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
