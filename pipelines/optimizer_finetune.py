@@ -56,13 +56,12 @@ def main() -> None:
         if not hasattr(method, "inner_optimizer"):
             raise ConfigError(f"optimizer.finetune.methods: {key} ({method.kind}) has no inner loop to drive")
         indices = fixed_episodes(pool, f.tasks, ways, shots, p.evaluate.queries, p.evaluate.seed)
-        own, steps = method.inner_optimizer, method.inner_steps_eval
+        steps = method.inner_steps_eval
         rows = {f"sgd_{steps}_steps": score(method, pool, indices)}
-        method.inner_optimizer = net
+        method.inner_optimizer = net  # this copy of the production model is only used here
         for learned_steps in sorted({steps, f.learned_steps}):
             method.inner_steps_eval = learned_steps
             rows[f"learned_{learned_steps}_steps"] = score(method, pool, indices)
-        method.inner_optimizer, method.inner_steps_eval = own, steps
         report["methods"][key] = {"model": {"name": name, "version": version.version}, "inner_lr": method.config()["inner_lr"],
                                   "results": rows}
         print(f"optimizer_finetune {key}: " + "  ".join(f"{k} {100 * v['accuracy']:.2f}" for k, v in rows.items()), flush=True)
