@@ -127,7 +127,7 @@ def plot_shots_curves(records: list[MethodRecord], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure, axis = plt.subplots(figsize=(7.5, 4))
     for r in records:
         curve = sorted(r.shots_curve().items())
         if curve:
@@ -135,8 +135,11 @@ def plot_shots_curves(records: list[MethodRecord], path: str | Path) -> None:
     axis.set_xlabel("shots (5-way)")
     axis.set_ylabel("test accuracy (%)")
     axis.set_xscale("log")
+    shots = sorted({k for r in records for k in r.shots_curve()})
+    axis.set_xticks(shots, [str(k) for k in shots])
+    axis.minorticks_off()
     axis.grid(alpha=0.3)
-    axis.legend()
+    axis.legend(loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
