@@ -59,10 +59,12 @@ def main() -> None:
         strategies |= {"bn": {}, "tent": {"steps": s.tent.steps, "optimizer": functools.partial(torch.optim.Adam, lr=s.tent.lr)}}
     images, labels = load_split(PREPARED, "test")
     results: dict[str, dict[str, dict[str, float]]] = {strategy: {} for strategy in strategies}
+    indices = None
     for corruption in (CLEAN, *s.corruptions):
         shifted = images if corruption == CLEAN else corrupt(images, corruption, s.severity, s.seed)
         pool = TaskPool(to_model_input(shifted, size).to(device), torch.from_numpy(labels), name=f"test/{corruption}")
-        indices = fixed_episodes(pool, s.tasks, ways, shots, s.queries, s.seed)  # the same tasks under every corruption
+        if indices is None:  # one class layout, so the same tasks under every corruption
+            indices = fixed_episodes(pool, s.tasks, ways, shots, s.queries, s.seed)
         for strategy, options in strategies.items():
             if method.per_example_features:
                 accuracies, seconds = adapted_task_accuracies(method, pool, indices, strategy, **options)
