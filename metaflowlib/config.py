@@ -228,6 +228,16 @@ class ValidationParams(Strict):
     episodes: int = Field(200, ge=1)
 
 
+class LauncherParams(Strict):
+    """How `train@<method>` runs: one process, or data-parallel on this node under torchrun (docs/distributed.md).
+
+    Under torchrun each method's tasks_per_step is the global meta-batch and must divide by nproc_per_node.
+    """
+
+    kind: Literal["none", "torchrun"] = "none"
+    nproc_per_node: int = Field(2, ge=1)  # processes for kind torchrun (CPU: cores; CUDA: one per GPU)
+
+
 class TrainParams(Strict):
     val_every: int = Field(250, ge=1)  # episodes between validations (best omega by val accuracy is kept)
     validation: ValidationParams = ValidationParams()
@@ -235,6 +245,7 @@ class TrainParams(Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where the CPU/GPU supports it
     channels_last: bool = True  # oneDNN's fast path on CPU; Tensor Cores' on GPU
     progress: Literal["auto", "bar", "log", "off"] = "auto"  # auto: a bar on a terminal, a line per validation otherwise
+    launcher: LauncherParams = LauncherParams()
 
 
 class EvaluateParams(Strict):

@@ -16,20 +16,39 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from metaflowlib.artifacts import load_checkpoint, save_checkpoint
 from metaflowlib.episodes import EpisodeSampler
-from metaflowlib.errors import DivergenceError, Interrupted
+from metaflowlib.errors import DataError, DivergenceError, Interrupted
 from metaflowlib.methods import MetaLearner
+from metaflowlib.methods.base import StepStats
 from metaflowlib.runtime import PeakMemory, autocast
 
 LogFn = Callable[[dict[str, float], int], None]
+
+
+class Replicas(Protocol):
+    """What the loop asks of a data-parallel group; `metaflowlib.distributed.Distributed` implements it
+    (not imported here: stages that only reuse this loop's types need not depend on it)."""
+
+    rank: int
+    world_size: int
+    is_main: bool
+
+    def average_gradients(self, module: torch.nn.Module, scalars: Sequence[float]) -> list[float]: ...
+    def any_signal(self, signal_number: int | None) -> int | None: ...
+    def slowest(self, seconds: float) -> float: ...
+    def from_main(self, compute: Callable[[], float]) -> float: ...
+    def broadcast_object(self, obj: Any) -> Any: ...
+    def broadcast_module(self, module: torch.nn.Module) -> None: ...
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -65,6 +84,10 @@ class MetaTrainer:
             SIGINT/SIGTERM, which stop the loop after the current meta-step (`Interrupted`).
         log: receives {"train_loss", "train_accuracy", "val_accuracy", "lr"} per step.
         progress: "bar" (tqdm), "log" (a line per validation), or "off".
+        distributed: this rank's place in a torchrun group (docs/distributed.md), or None. Every rank
+            passes the same arguments, its own share of the meta-batch in `sampler`; the ranks start
+            from rank 0's omega, average `.grad` after each meta-gradient, stop together, and only
+            rank 0 validates (the others receive its accuracy), logs, reports and writes checkpoints.
     """
 
     def __init__(
@@ -72,7 +95,7 @@ class MetaTrainer:
         *, validate: Callable[[MetaLearner], float], val_every: int, max_episodes: int | None, max_seconds: float | None,
         checkpoint_dir: Path | None = None, checkpoint_every: int = 500, log: LogFn | None = None,
         precision: torch.dtype | None = None, grad_clip: float | None = None, progress: str = "log",
-        log_every: int = 10,
+        log_every: int = 10, distributed: Replicas | None = None,
     ) -> None:
         if max_episodes is None and max_seconds is None:
             raise ValueError("a budget needs max_episodes or max_seconds")
@@ -80,9 +103,11 @@ class MetaTrainer:
         self.validate, self.val_every = validate, val_every
         self.max_episodes, self.max_seconds = max_episodes, max_seconds
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
-        self.log = log or (lambda metrics, step: None)
+        self.distributed = distributed
+        self.is_main = distributed is None or distributed.is_main
+        self.log = log if log and self.is_main else (lambda metrics, step: None)
         self.precision = method.precision(precision)
-        self.grad_clip, self.progress, self.log_every = grad_clip, progress, log_every
+        self.grad_clip, self.progress, self.log_every = grad_clip, progress if self.is_main else "off", log_every
         self.device = next(method.parameters()).device
         self.episode, self.seconds = 0, 0.0
         self.best_accuracy, self.best_episode = -1.0, 0
@@ -95,11 +120,11 @@ class MetaTrainer:
         with PeakMemory(self.device) as memory, self._stop_on_signals():
             bar = self._progress_bar()
             while not self._budget_spent():
-                if self.stop_signal is not None:
+                if self._stop_requested():
                     self._stop()
                 start = time.perf_counter()
-                stats = self._meta_step()
-                self.seconds += time.perf_counter() - start
+                stats = self.meta_step()
+                self.seconds += self._step_seconds(time.perf_counter() - start)
                 self.episode += 1
                 metrics = {"train_loss": stats.loss, "train_accuracy": stats.accuracy, "lr": self.scheduler.get_last_lr()[0]}
                 if self.episode % self.val_every == 0 or self._budget_spent():
@@ -137,6 +162,16 @@ class MetaTrainer:
             for number, handler in previous.items():
                 signal.signal(number, handler)
 
+    def _stop_requested(self) -> bool:
+        """A signal reached this process (or, distributed, any rank: all stop at the same step)."""
+        if self.distributed is not None:
+            self.stop_signal = self.distributed.any_signal(self.stop_signal)
+        return self.stop_signal is not None
+
+    def _step_seconds(self, seconds: float) -> float:
+        """Distributed: the slowest rank's time, so a seconds budget ends at the same step everywhere."""
+        return seconds if self.distributed is None else self.distributed.slowest(seconds)
+
     def _stop(self) -> None:
         name = signal.Signals(self.stop_signal).name
         if self.checkpoint_dir:
@@ -146,15 +181,16 @@ class MetaTrainer:
             where = "no checkpoint directory was set, nothing saved"
         raise Interrupted(f"interrupted at episode {self.episode} by {name}; {where}", self.stop_signal)
 
-    def _meta_step(self):
+    def meta_step(self):
+        """One outer step: draw a task batch, accumulate the meta-gradient, guard against divergence, update omega."""
         self.method.train()
         episode = next(self.sampler)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.precision):
             stats = self.method.meta_gradient(episode)
-        if not math.isfinite(stats.loss) or not all(
-            torch.isfinite(p.grad).all() for p in self.method.parameters() if p.grad is not None
-        ):
+        if self.distributed is not None:  # before the guard and the clip: every rank then decides alike
+            stats = StepStats(*self.distributed.average_gradients(self.method, (stats.loss, stats.accuracy)))
+        if not math.isfinite(stats.loss) or not gradients_finite(self.method):
             where = f"; last good checkpoint: {self.checkpoint_dir}" if self.checkpoint_dir else ""
             raise DivergenceError(f"non-finite meta-loss or gradient at episode {self.episode + 1} (loss {stats.loss}){where}")
         if self.grad_clip:
@@ -164,7 +200,10 @@ class MetaTrainer:
         return stats
 
     def _validate(self) -> float:
-        accuracy = self.validate(self.method)
+        if self.distributed is None:
+            accuracy = self.validate(self.method)
+        else:
+            accuracy = self.distributed.from_main(lambda: self.validate(self.method))
         if accuracy > self.best_accuracy:
             self.best_accuracy, self.best_episode = accuracy, self.episode
             self.best_state = copy.deepcopy(self.method.state_dict())
@@ -210,30 +249,48 @@ class MetaTrainer:
             "best_omega": self.best_state,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "sampler": self.sampler.state(),
+            "sampler": self.sampler.state() if self.distributed is None else self.distributed.gather(self.sampler.state()),
+            "processes": 1 if self.distributed is None else self.distributed.world_size,
             **rng_states(),
             "history": self.history,
         }
 
     def _save(self) -> None:
-        save_checkpoint(self._state(), self.checkpoint_dir)
+        state = self._state()  # distributed: a collective (every rank's sampler state), then rank 0 writes
+        if self.is_main:
+            save_checkpoint(state, self.checkpoint_dir)
 
     def _resume(self) -> None:
-        if self.checkpoint_dir is None:
-            return
-        state = load_checkpoint(self.checkpoint_dir)
+        """Distributed: rank 0 alone reads the checkpoint (other nodes may not see its disk) and sends it."""
+        state = load_checkpoint(self.checkpoint_dir) if self.checkpoint_dir and self.is_main else None
+        if self.distributed is not None:
+            state = self.distributed.broadcast_object(state)
+            if state is None:
+                self.distributed.broadcast_module(self.method)
+                self.best_state = copy.deepcopy(self.method.state_dict())
         if state is None:
             return
+        processes = 1 if self.distributed is None else self.distributed.world_size
+        if state.get("processes", 1) != processes:
+            raise DataError(f"checkpoint {self.checkpoint_dir} was written by {state.get('processes', 1)} training processes, "
+                            f"this run has {processes}: resume with the same number, or delete it to start afresh")
         self.method.load_state_dict(state["omega"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state(state["sampler"])
+        # clone: Generator.set_state on a row view at a non-zero storage offset segfaults (torch 2.13)
+        self.sampler.load_state(state["sampler"] if self.distributed is None else state["sampler"][self.distributed.rank].clone())
         restore_rng_states(state)
         self.episode, self.seconds = state["episode"], state["seconds"]
         self.best_accuracy, self.best_episode = state["best_accuracy"], state["best_episode"]
         self.best_state, self.history = state["best_omega"], state["history"]
         if self.progress != "off":
             print(f"resuming from {self.checkpoint_dir} at episode {self.episode}", flush=True)
+
+
+def gradients_finite(module: torch.nn.Module) -> bool:
+    """One device sync for every parameter's gradient (a per-tensor check stalls a GPU once per tensor)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def rng_states() -> dict:

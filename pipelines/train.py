@@ -3,6 +3,8 @@
 Outputs: models/<key>/ (omega: safetensors + JSON), runs/<key>/train.json
 (run id, model URI, costs), metrics/<key>/train_curve.csv. An interrupted run
 resumes from checkpoints/<key>/ into the same MLflow run when the params match.
+With train.launcher.kind torchrun (or when started by torchrun) the ranks share each
+meta-batch; rank 0 alone tracks and writes (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -10,13 +12,16 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
 import sys
+from pathlib import Path
+from typing import NoReturn
 
 import torch
 from _stage import PREPARED, ROOT, method_key, params, run_guarded
 
-from metaflowlib import tracking
+from metaflowlib import distributed, tracking
 from metaflowlib.artifacts import load_meta_knowledge, save_meta_knowledge
 from metaflowlib.config import Params
 from metaflowlib.data.store import load_info, load_pool
@@ -61,12 +66,32 @@ def fingerprint(p: Params, key: str, pretrained: dict) -> str:
 
 
 def main() -> None:
+    p, key = params(), method_key()
+    if p.train.launcher.kind == "torchrun" and not distributed.launched():
+        relaunch(key, p.train.launcher.nproc_per_node, p.method(key).tasks_per_step)
+    device = resolve_device(p.device)
+    group = distributed.init_from_env(device)
+    try:
+        train(p, key, device if group is None else group.device, group)
+    finally:
+        distributed.shutdown()
+
+
+def relaunch(key: str, nproc_per_node: int, tasks_per_step: int) -> NoReturn:
+    """Become torchrun running this stage on nproc_per_node processes: the same process, so the
+    signals DVC or a user sends reach torchrun, which forwards them to every rank."""
+    distributed.shard_tasks(tasks_per_step, nproc_per_node, f"methods.{key}.tasks_per_step")  # refuse once, up front
+    sys.stdout.flush()
+    sys.stderr.flush()
+    command = distributed.torchrun_command(Path(__file__).resolve(), [key], nproc_per_node)
+    os.execv(command[0], command)
+
+
+def train(p: Params, key: str, device: torch.device, group: distributed.Distributed | None) -> None:
     import mlflow
 
-    p, key = params(), method_key()
     mp = p.method(key)
     budget = p.budget(key)
-    device = resolve_device(p.device)
     dtype = resolve_precision(p.train.precision, device)
     seed_everything(p.seed)
 
@@ -80,17 +105,33 @@ def main() -> None:
     if method.frozen_features:  # meta-training never moves the feature map: embed the split once
         method.eval()
         train_pool = embed_pool(method, train_pool, dtype)
-    sampler = EpisodeSampler(train_pool, mp.ways, mp.shots, mp.queries, mp.tasks_per_step, seed=p.seed)
+    tasks, seed = mp.tasks_per_step, p.seed
+    if group is not None:  # each rank its share of the meta-batch, from its own task stream
+        tasks, seed = group.shard(tasks, f"methods.{key}.tasks_per_step"), p.seed + group.rank
+    sampler = EpisodeSampler(train_pool, mp.ways, mp.shots, mp.queries, tasks, seed=seed)
     optimizer, scheduler = build_meta_optimizer(method, **mp.meta_optimizer.model_dump(exclude={"grad_clip"}))
 
     checkpoints = ROOT / "checkpoints" / key
+
+    def trainer(log: tracking.MetricLogger | None, progress: str) -> MetaTrainer:
+        return MetaTrainer(
+            method, sampler, optimizer, scheduler, validate=validator(val_pool, p, dtype), val_every=p.train.val_every,
+            max_episodes=budget.episodes, max_seconds=budget.seconds, checkpoint_dir=checkpoints / "state",
+            checkpoint_every=p.train.checkpoint_every, log=log, precision=dtype,
+            grad_clip=mp.meta_optimizer.grad_clip, progress=progress, distributed=group,
+        )
+
+    if group is not None and not group.is_main:  # a worker rank: its share of every step, no tracking, no files
+        trainer(None, "off").run()
+        return
+
     expected = fingerprint(p, key, pretrained)
     run_id = resume_run_id(checkpoints, expected)
     tracking.configure(p.mlflow.tracking_uri)
     experiment = tracking.experiment_id(p.experiment, str(ROOT / p.mlflow.artifact_location))
     tags = {"method": mp.kind, "method_key": key, "stage": f"train@{key}", "profile": p.profile,
             "dataset": p.data.name, "data_digest": hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16],
-            **tracking.system_tags(device)}
+            **tracking.system_tags(device), **({"processes": str(group.world_size)} if group else {})}
     progress = p.train.progress if p.train.progress != "auto" else ("bar" if sys.stderr.isatty() else "log")
     with mlflow.start_run(run_id=run_id, experiment_id=experiment, run_name=key, tags=tags) as run:
         if run_id is None:
@@ -100,14 +141,8 @@ def main() -> None:
         checkpoints.mkdir(parents=True, exist_ok=True)
         (checkpoints / "mlflow_run_id").write_text(run.info.run_id)
         (checkpoints / "fingerprint").write_text(expected)
-        trainer = MetaTrainer(
-            method, sampler, optimizer, scheduler, validate=validator(val_pool, p, dtype), val_every=p.train.val_every,
-            max_episodes=budget.episodes, max_seconds=budget.seconds, checkpoint_dir=checkpoints / "state",
-            checkpoint_every=p.train.checkpoint_every, log=tracking.MetricLogger(run.info.run_id), precision=dtype,
-            grad_clip=mp.meta_optimizer.grad_clip, progress=progress,
-        )
         try:
-            result = trainer.run()
+            result = trainer(tracking.MetricLogger(run.info.run_id), progress).run()
         except Interrupted:
             mlflow.end_run(status="KILLED")
             raise
