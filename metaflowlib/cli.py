@@ -78,22 +78,40 @@ def cmd_models_list(args: argparse.Namespace) -> None:
         print(model["name"])
         for v in model["versions"]:
             aliases = f" [{', '.join(v.aliases)}]" if v.aliases else ""
-            score = v.metric(params.registry.gate_metric)
-            shown = f"{params.registry.gate_metric} {score:.4f}" if score is not None else "not evaluated"
-            print(f"  v{v.version}{aliases}  {shown}  run {v.run_id}")
+            print(f"  v{v.version}{aliases}  {_headline(v, params.registry.gate_metric)}  run {v.run_id}")
+
+
+def _headline(version, gate_metric: str) -> str:
+    """'<metric> <value>', marked when the number is not one the gate compares."""
+    from metaflowlib import registry
+
+    found = registry.headline(version, gate_metric)
+    if found is None:
+        return "not evaluated"
+    metric, value = found
+    gated = metric == registry.gate_metric_of(version, gate_metric)
+    return f"{metric} {value:.4f}" + ("" if gated else " (no gate metric)")
 
 
 def cmd_models_show(args: argparse.Namespace) -> None:
     from metaflowlib import registry
 
-    _configure(args)
+    params = _configure(args)
     info = registry.get_version(args.name, args.version) if args.version else registry.get_alias(args.name)
     if info is None:
         raise MetaflowError(f"{args.name} has no production version; pass a version number")
     print(f"{info.name} v{info.version} aliases={info.aliases} run={info.run_id}")
     print(info.description)
+    print(f"evaluation: {_headline(info, params.registry.gate_metric)}")
+    print("tags:")
     for key in sorted(info.tags):
         print(f"  {key}: {info.tags[key]}")
+    found = registry.evaluations(info)
+    print("evaluated by: " + ("no other run" if not found else f"{len(found)} run(s), the latest of each stage"))
+    for evaluation in found:
+        print(f"  {evaluation.run_name} (run {evaluation.run_id})")
+        for key, value in evaluation.metrics.items():
+            print(f"    {key}: {value:.4f}")
 
 
 def cmd_promote(args: argparse.Namespace) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,58 @@ def list_models() -> list[dict[str, Any]]:
             infos.append(VersionInfo(info.name, info.version, info.run_id, named, info.tags, info.description))
         out.append({"name": model.name, "description": model.description or "", "versions": infos})
     return out
+
+
+def headline(version: VersionInfo, gate_metric: str) -> tuple[str, float] | None:
+    """The number `models list` shows for a version: the metric it is gated on (`gate_metric_of`: a few-shot
+    setting, a classifier's clean accuracy, a learned optimizer's validation loss drop); for a version registered
+    without one (a pre-trained feature map), the first accuracy among its tags; None when it records neither."""
+    metric = gate_metric_of(version, gate_metric)
+    value = version.metric(metric)
+    if value is not None:
+        return metric, value
+    for key in sorted(k for k in version.tags if k.startswith("acc_") or "accuracy" in k):
+        try:
+            return key, float(version.tags[key])
+        except ValueError:
+            continue
+    return None
+
+
+# A run that evaluates a registered version names it in a pair of tags; `evaluations` finds those runs and keeps
+# the metrics that summarize each (pattern, full match; the rest stay in the run).
+EVALUATED_BY: dict[tuple[str, str], str] = {
+    ("model_name", "model_version"): r"error_clean|mean_error_all|mean_error_s\d+",  # tta@<strategy>, Fashion-MNIST-C
+    ("adapted_model", "adapted_version"): r"(?!acc_)\w+_(clean|mean_corrupted)",  # shift@<method>, Omniglot-C
+    ("evaluated_model", "evaluated_version"): r"(seen|unseen)/(learned|adam_tuned)/\d+x/train_loss_mean",  # optimizer_eval
+    ("optimizer_model", "optimizer_version"): r"acc_\w+",  # optimizer_finetune: MAML-family fine-tuning, SGD vs learned
+}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    run_name: str
+    run_id: str
+    metrics: dict[str, float]
+
+
+def evaluations(version: VersionInfo) -> list[Evaluation]:
+    """The latest finished run of each stage that evaluated `version` (by run name), with its summary metrics."""
+    client = _client()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    latest: dict[str, Evaluation] = {}
+    for (name_tag, version_tag), pattern in EVALUATED_BY.items():
+        query = (f"tags.{name_tag} = '{version.name}' and tags.{version_tag} = '{version.version}' "
+                 "and attributes.status = 'FINISHED'")
+        for run in client.search_runs(experiments, query, order_by=["attributes.start_time DESC"]):
+            metrics = {k: run.data.metrics[k] for k in sorted(run.data.metrics, key=_natural) if re.fullmatch(pattern, k)}
+            latest.setdefault(run.info.run_name, Evaluation(run.info.run_name, run.info.run_id, metrics))
+    return sorted(latest.values(), key=lambda e: e.run_name)
+
+
+def _natural(key: str) -> list[int | str]:
+    """Sort key that puts '5x' before '10x'."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
 
 
 # input key of a stored example -> (output key, the shape that output must have): a few-shot model labels a

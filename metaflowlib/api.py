@@ -1,0 +1,151 @@
+"""The CLI's registry commands and the served few-shot model, from Python.
+
+    from metaflowlib.api import load_production
+    learner = load_production("omniglot-vinyals-protonet")        # the registered pyfunc model, no pickle
+    classifier = learner.adapt(support_images, support_labels)      # one few-shot task
+    classifier.predict(query_images), classifier.predict_proba(query_images)
+
+Every answer comes from the registered pyfunc model's own `predict` (metaflowlib.serving: the
+payload contract, adaptation to the support set, labels), so it is the answer `mlflow models
+serve` gives for the same task; a malformed task raises the contract's one-line PayloadError.
+The store is `tracking_uri`, else $MLFLOW_TRACKING_URI, else params' default
+`sqlite:///mlflow.db`: the CLI's order, with the argument in place of `--tracking-uri`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from metaflowlib import registry
+from metaflowlib.errors import RegistryError
+
+if TYPE_CHECKING:  # it imports mlflow: at run time only inside _load
+    from metaflowlib.serving.pyfunc import FewShotModel
+
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+
+
+def use_store(tracking_uri: str | None = None) -> str:
+    """Point MLflow (tracking and registry) at the store and return its URI; an unreachable one is a MetaflowError."""
+    from metaflowlib import tracking
+    from metaflowlib.config import MlflowParams
+
+    if tracking_uri is None:
+        return tracking.configure(MlflowParams().tracking_uri)
+    saved = os.environ.get(TRACKING_ENV)
+    os.environ[TRACKING_ENV] = tracking_uri  # configure lets the environment win over its argument, as the CLI flag does
+    try:
+        return tracking.configure(tracking_uri)
+    finally:
+        if saved is None:
+            del os.environ[TRACKING_ENV]
+        else:
+            os.environ[TRACKING_ENV] = saved
+
+
+class TaskClassifier:
+    """One few-shot task: its support set, fixed; each predict call sends support + queries to the model.
+
+    The served model adapts omega to the support set per request (theta_i), and the MAML
+    family's transductive BatchNorm uses the query batch, so queries predicted together
+    get exactly the served answer. Construction checks the task with one predict call on
+    the support images: a support set the model refuses (malformed, or N classes its
+    fixed N-way head does not have) fails here, with the contract's PayloadError.
+    """
+
+    def __init__(self, model: FewShotModel, support_images: Any, support_labels: Any) -> None:
+        self._model = model
+        self.support_images, self.support_labels = _array(support_images), _array(support_labels)
+        self.ways = int(self.predict_proba(self.support_images).shape[1])
+
+    def _answer(self, query_images: Any) -> dict[str, np.ndarray]:
+        payload = {"support_images": self.support_images, "support_labels": self.support_labels, "query_images": _array(query_images)}
+        return self._model.predict(None, payload)
+
+    def predict(self, query_images: Any) -> np.ndarray:
+        """Labels 0..ways-1 of the queries, uint8 [Q, H, W] (0 = ink, 255 = paper): int64 [Q]."""
+        return self._answer(query_images)["labels"]
+
+    def predict_proba(self, query_images: Any) -> np.ndarray:
+        """Class probabilities of the queries: float32 [Q, ways]."""
+        return self._answer(query_images)["probabilities"]
+
+
+def _array(values: Any) -> np.ndarray:
+    """As an array in C order (torch refuses a reversed or strided numpy view); the contract checks the rest."""
+    return np.ascontiguousarray(values)
+
+
+class FewShotLearner:
+    """A registered version of a few-shot model: omega, ready to adapt to any task with its number of classes."""
+
+    def __init__(self, model: FewShotModel, version: registry.VersionInfo) -> None:
+        self._model, self.version = model, version
+
+    def adapt(self, support_images: Any, support_labels: Any) -> TaskClassifier:
+        """A classifier for the task of this support set: uint8 [S, H, W], int labels using every class 0..N-1."""
+        return TaskClassifier(self._model, support_images, support_labels)
+
+
+def load_production(name: str, tracking_uri: str | None = None) -> FewShotLearner:
+    """The production version of the few-shot model `name` (e.g. 'omniglot-vinyals-protonet')."""
+    use_store(tracking_uri)
+    return _load(registry.require_production(name))
+
+
+def load_version(name: str, version: str | int, tracking_uri: str | None = None) -> FewShotLearner:
+    """A version of the few-shot model `name` by number, or by alias as '@alias'."""
+    use_store(tracking_uri)
+    return _load(registry.get_version(name, version))
+
+
+def _load(info: registry.VersionInfo) -> FewShotLearner:
+    """The pyfunc model of that version number (not the alias, which may move meanwhile), if it is a few-shot one."""
+    import mlflow.pyfunc
+
+    from metaflowlib.serving.pyfunc import FewShotModel
+
+    model = mlflow.pyfunc.load_model(f"models:/{info.name}/{info.version}").unwrap_python_model()
+    if not isinstance(model, FewShotModel):
+        raise RegistryError(f"{info.name} v{info.version} is not a few-shot model (its pyfunc is a "
+                            f"{type(model).__name__}); load it with mlflow.pyfunc.load_model")
+    return FewShotLearner(model, info)
+
+
+def list_models(tracking_uri: str | None = None) -> list[dict[str, Any]]:
+    """`metaflowlib models list`: every registered model with its versions (registry.VersionInfo), aliases and tags."""
+    use_store(tracking_uri)
+    return registry.list_models()
+
+
+def show(name: str, version: str | int | None = None, tracking_uri: str | None = None) -> registry.VersionInfo:
+    """`metaflowlib models show`: a version by number or '@alias' (default: production)."""
+    use_store(tracking_uri)
+    return registry.get_version(name, version if version is not None else f"@{registry.ALIAS}")
+
+
+def evaluations(name: str, version: str | int | None = None, tracking_uri: str | None = None) -> list[registry.Evaluation]:
+    """The runs that evaluated a version (the 'evaluated by' part of `models show`)."""
+    return registry.evaluations(show(name, version, tracking_uri))
+
+
+def promote(name: str, version: str | int, gate_metric: str | None = None, force: bool = False,
+            tracking_uri: str | None = None) -> str:
+    """`metaflowlib promote`: move production behind the gate (default metric: params' registry.gate_metric default)."""
+    from metaflowlib.config import RegistryParams
+
+    use_store(tracking_uri)
+    return registry.promote(name, version, gate_metric or RegistryParams().gate_metric, force=force)
+
+
+def rollback(name: str, tracking_uri: str | None = None) -> str:
+    """`metaflowlib rollback`: production back to the version it replaced."""
+    use_store(tracking_uri)
+    return registry.rollback(name)
+
+
+__all__ = ["FewShotLearner", "TaskClassifier", "evaluations", "list_models", "load_production", "load_version", "promote",
+           "rollback", "show", "use_store"]

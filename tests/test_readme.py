@@ -1,0 +1,167 @@
+"""Every command in the README is run by a test: here when it is cheap, elsewhere (named) when it is not.
+
+The README's fenced shell blocks (```bash, sh, shell, console) are its commands; each line is split at `&&` into simple
+commands (comments dropped, continuation lines joined). Each one is in RUN_HERE, and run for
+real against a throwaway MLflow store, or in COVERED_ELSEWHERE with the test that runs it.
+A README command in neither fails `test_every_readme_command_is_run_here_or_named_elsewhere`.
+The ```python blocks are executed against the same throwaway store.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, class_images
+
+import metaflowlib
+from metaflowlib import registry
+from metaflowlib.artifacts import save_meta_knowledge
+from metaflowlib.methods import ProtoNet
+from metaflowlib.serving.log import log_pyfunc_model
+
+README = ROOT / "README.md"
+MODEL = "omniglot-vinyals-protonet"
+
+# command -> text its output must contain (in README order: promote, then rollback)
+RUN_HERE = {
+    "metaflowlib models list": f"{MODEL}\n  v1 [production]  acc_5w1s 0.9000",
+    f"metaflowlib models show {MODEL}": f"{MODEL} v1 aliases=['production']",
+    f"metaflowlib promote {MODEL} 2": f"promoted {MODEL} v2 (acc_5w1s 0.9500) to production; previous: v1",
+    f"metaflowlib promote {MODEL} 2 --force": f"{MODEL} version 2 is already production",
+    f"metaflowlib rollback {MODEL}": f"rolled {MODEL} production back from v2 to v1",
+}
+# command -> the test that runs it (tests/<file>.py::<function>)
+PIPELINE = "tests/test_pipeline.py::test_dvc_repro_trains_evaluates_registers_and_serves"
+SERVER = "tests/test_serving_http.py::test_served_model_labels_new_classes_and_refuses_bad_requests"
+CI = "tests/test_readme.py::test_ci_runs_the_readmes_install_and_test_commands"
+COVERED_ELSEWHERE = {
+    "pip install torch==2.13.0": CI,
+    "pip install -e .": "tests/test_readme.py::test_the_package_and_its_script_are_installed",
+    "dvc repro": PIPELINE,
+    "pip install -e '.[test]'": CI,
+    "pip install --no-deps easyfsl==1.5.0": CI,
+    "python -m pytest -q": CI,
+    "dvc repro report": PIPELINE,
+    "dvc plots show": "tests/test_report.py::test_dvc_plots_show_renders_every_report_plot",
+    f"MLFLOW_TRACKING_URI=sqlite:///mlflow.db mlflow models serve -m models:/{MODEL}@production --env-manager local -p 5001": SERVER,
+    ("curl -s localhost:5001/invocations -H 'Content-Type: application/json' -d "
+     "'{\"inputs\": {\"support_images\": [...], \"support_labels\": [...], \"query_images\": [...]}}'"): SERVER,
+}
+
+
+SHELL = "bash|sh|shell|console"
+
+
+def fenced_blocks(languages: str) -> list[str]:
+    """The bodies of the README's fenced blocks in one of `languages` ('a|b')."""
+    return re.findall(rf"^```(?:{languages})\n(.*?)^```$", README.read_text(), flags=re.DOTALL | re.MULTILINE)
+
+
+def readme_commands() -> list[str]:
+    """Every simple command of the shell blocks, normalized by shlex (so quoting style does not matter)."""
+    commands = []
+    for block in fenced_blocks(SHELL):
+        for line in block.replace("\\\n", " ").splitlines():
+            words: list[str] = []
+            for word in [*shlex.split(line, comments=True), "&&"]:
+                if word == "&&":
+                    if words:
+                        commands.append(shlex.join(words))
+                    words = []
+                else:
+                    words.append(word)
+    return commands
+
+
+def test_every_readme_command_is_run_here_or_named_elsewhere():
+    commands = readme_commands()
+    assert len(commands) >= 10, commands  # the parser finds the README's blocks
+    unknown = [c for c in commands if c not in RUN_HERE and c not in COVERED_ELSEWHERE]
+    assert not unknown, f"README commands neither run in tests/test_readme.py nor mapped to a test: {unknown}"
+    stale = [c for c in [*RUN_HERE, *COVERED_ELSEWHERE] if c not in commands]
+    assert not stale, f"no longer in the README (remove them here): {stale}"
+    assert not RUN_HERE.keys() & COVERED_ELSEWHERE.keys()
+
+
+@pytest.mark.parametrize("node", sorted(set(COVERED_ELSEWHERE.values())))
+def test_the_named_tests_exist(node):
+    path, function = node.split("::")
+    tree = ast.parse((ROOT / path).read_text())
+    assert function in {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}, node
+
+
+def test_ci_runs_the_readmes_install_and_test_commands():
+    """.ci/run is what runs `pip install` and `python -m pytest` for real: the README's commands, quietly."""
+    def bare(command: str) -> str:  # without the interpreter prefix and the quiet flag
+        words = shlex.split(command)
+        words = words[2:] if words[:2] in (["python", "-m"], ["python3", "-m"]) else words
+        return shlex.join(w for w in words if w != "-q")
+
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    ci = {bare(line) for line in lines if line.startswith(("python -m ", "python3 -m "))}
+    for command in ("pip install torch==2.13.0", "pip install -e '.[test]'", "pip install --no-deps easyfsl==1.5.0",
+                    "python -m pytest -q"):
+        assert command in readme_commands() and bare(command) in ci, (command, ci)
+
+
+def test_the_package_and_its_script_are_installed():
+    """What `pip install -e .` leaves: the distribution at this version and its two console scripts."""
+    distribution = importlib.metadata.distribution("metaflowlib")
+    assert distribution.version == metaflowlib.__version__
+    scripts = {e.name: e.value for e in distribution.entry_points if e.group == "console_scripts"}
+    assert scripts == {"metaflowlib": "metaflowlib.cli:main", "metaflowlib-bench": "metaflowlib.benchmarks.suite:main"}
+    for script in scripts:
+        assert shutil.which(script, path=str(Path(sys.executable).parent)), f"no {script} script next to this python"
+
+
+@pytest.fixture
+def store(tmp_path, mlflow_store):
+    """The README's model name in a throwaway store: v1 (acc 0.90) in production, v2 (acc 0.95) not."""
+    for version, acc in ((1, 0.90), (2, 0.95)):
+        torch.manual_seed(version)
+        omega = save_meta_knowledge(ProtoNet(hidden=8), tmp_path / f"omega{version}", {"image_size": 28})
+        with mlflow.start_run():
+            uri = log_pyfunc_model(omega)
+        registry.register(uri, MODEL, {"acc_5w1s": acc, "protocol": "omniglot-vinyals"}, f"acc {acc}", "toy")
+    registry.promote(MODEL, "1", "acc_5w1s")
+    return mlflow_store
+
+
+def test_the_cheap_readme_commands_run_as_written(store, tmp_path):
+    """In README order, as a user types them: the installed `metaflowlib` script, params.yaml in the working
+    directory, the store from $MLFLOW_TRACKING_URI (this checkout first on PYTHONPATH, whatever an editable
+    install points at)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(ROOT / "params.yaml", work / "params.yaml")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(ROOT),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    ran = [c for c in readme_commands() if c in RUN_HERE]
+    assert ran == list(RUN_HERE)  # every one, in the README's order
+    for command in ran:
+        done = subprocess.run(["bash", "-c", command], check=False, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (command, done.stderr[-2000:])
+        assert RUN_HERE[command] in done.stdout, (command, done.stdout)
+    assert registry.get_alias(MODEL).version == "1"  # promoted to v2, rolled back
+
+
+def test_the_python_blocks_run(store):
+    images, _ = class_images(3, 3, seed=5)  # by class: the first of each class is its support image
+    support, query = images[::3], np.delete(images, np.s_[::3], axis=0)
+    for block in fenced_blocks("python"):
+        namespace = {"mlflow": mlflow, "support": support, "labels": np.arange(3), "query": query}
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+        answer = namespace.get("out") or {"labels": namespace["classifier"].predict(query)}
+        assert answer["labels"].shape == (len(query),)
