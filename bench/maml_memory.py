@@ -5,8 +5,9 @@
 
 Conv-4 (64 channels), 5-way 1-shot 15-query, random 28x28 images (memory and
 time do not depend on pixel values). One meta-step = `meta_gradient` + the outer
-optimizer step. Every configuration runs in a fresh subprocess, so no peak,
-allocator cache or warm-up leaks from one into the next. Peak memory is the
+optimizer step. On a CPU every configuration runs in a fresh subprocess, so no peak,
+allocator cache or warm-up leaks from one into the next; on CUDA they share
+one process and the allocator's peak is reset for each. Peak memory is the
 increase over the state just before the first meta-step (model, optimizer,
 episode already resident):
 - CUDA: torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated() (tensors only).
@@ -99,7 +100,12 @@ def measure(kind: str, inner_steps: int, vectorize: str, tasks: int, device: str
 
 
 def run_fresh(config: dict, threads: int | None) -> dict:
-    """`measure` in a new interpreter (this script with --worker)."""
+    """`measure` in a new interpreter (this script with --worker); on CUDA in this process, where the allocator's
+    peak is reset per configuration and a fresh process would only add CUDA start-up time."""
+    if config["device"].startswith("cuda"):
+        result = measure(**config)
+        torch.cuda.empty_cache()
+        return result
     command = [sys.executable, __file__, "--worker", json.dumps(config)]
     if threads:
         command += ["--threads", str(threads)]

@@ -85,8 +85,8 @@ class MetaLearner(nn.Module, ABC):
     def predict(self, theta: Any, query_x: Tensor) -> Tensor:
         """Query logits [T, N*Q, N] under task parameters theta."""
 
-    def meta_loss(self, episode: Episode) -> tuple[Tensor, Tensor]:
-        """Mean query cross-entropy after adaptation, and the query logits.
+    def adapt_and_predict(self, episode: Episode) -> Tensor:
+        """Query logits [T, N*Q, N] of a task batch from its raw inputs: adapt on D_i^t, predict D_i^v.
 
         Per-example methods embed support and query in one forward pass
         (unless the episode was drawn from an already embedded pool).
@@ -99,7 +99,11 @@ class MetaLearner(nn.Module, ABC):
         else:
             support_z, query_z = episode.support_x, episode.query_x
         theta = self.adapt(support_z, episode.support_y, episode.ways)
-        logits = self.predict(theta, query_z)
+        return self.predict(theta, query_z)
+
+    def meta_loss(self, episode: Episode) -> tuple[Tensor, Tensor]:
+        """Mean query cross-entropy after adaptation, and the query logits."""
+        logits = self.adapt_and_predict(episode)
         return query_cross_entropy(logits, episode.query_y), logits
 
     def meta_gradient(self, episode: Episode) -> StepStats:

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The one device check (issues 3 and 8), run from the repository root on a bare GPU machine:
+#   - ours vs higher / torchopt (second-order MAML, 5w1s, meta-batch 32) and easyfsl (ProtoNet, 5- and 60-way),
+#     adaptation latency, torch.profiler summaries, time to accuracy (ProtoNet, MAML) on Omniglot;
+#   - memory and time per meta-step of MAML/FOMAML/Reptile/iMAML against inner steps, vmap vs loop at 1 step.
+# Needs torch and numpy only; the peers come as wheels in .whl/ and the Omniglot files in .devdata/omniglot
+# (both ignored by git: see bench/README.md). Writes everything under $OUT (default /tmp/gpu-out).
+# Rehearse on a CPU: DEVICE=cpu QUICK=--quick bash bench/gpu.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-out}
+DEVICE=${DEVICE:-cuda}
+QUICK=${QUICK:-}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>/dev/null
+  python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)"
+  python3 -m metaflowlib.benchmarks --device "$DEVICE" --data .devdata --out "$OUT/bench" $QUICK \
+    ${PROTONET_SECONDS:+--protonet-seconds $PROTONET_SECONDS} ${MAML_SECONDS:+--maml-seconds $MAML_SECONDS}
+  echo "bench exit $?"
+  python3 bench/maml_memory.py --device "$DEVICE" --out "$OUT/maml_memory" --ratio-steps 1 \
+    ${QUICK:+--inner-steps 1 2 --repeats 1}
+  echo "maml_memory exit $?"
+} 2>&1 | tee "$OUT/log"

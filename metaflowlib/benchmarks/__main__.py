@@ -1,0 +1,3 @@
+from metaflowlib.benchmarks.suite import main
+
+main()

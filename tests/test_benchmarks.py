@@ -1,0 +1,116 @@
+"""The benchmark harness: peers compute what we compute, every case runs and reports, ratios come from one run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from metaflowlib.benchmarks import cases, peers
+from metaflowlib.benchmarks.suite import main, markdown, ratios
+from metaflowlib.benchmarks.timing import rate, spread
+
+
+@pytest.fixture(scope="module")
+def pools_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny pools file: 8 classes of 20 random 28x28 images per split."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split in cases.SPLITS:
+        arrays[f"{split}_images"] = rng.integers(0, 256, (8 * 20, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = np.repeat(np.arange(8), 20)
+    path = tmp_path_factory.mktemp("pools") / "pools.npz"
+    cases.write_pools(path, arrays, "tiny-synthetic")
+    return path
+
+
+@pytest.fixture
+def peer_workarounds_undone() -> Iterator[None]:
+    """easyfsl's workarounds (a stub torchvision, a patched Sampler) must not leak into the other tests."""
+    from torch.utils.data import Sampler
+
+    modules, init, notes = set(sys.modules), Sampler.__init__, list(peers.NOTES)
+    yield
+    for name in set(sys.modules) - modules:
+        if name.split(".")[0] in ("torchvision", "easyfsl"):
+            del sys.modules[name]
+    Sampler.__init__, peers.NOTES[:] = init, notes  # type: ignore[method-assign]
+
+
+def test_peers_compute_the_same_float64_maml_meta_gradient_as_ours() -> None:
+    row = cases.maml_gradient_agreement(inner_steps=2, tasks=2, hidden=8)
+    for name in ("ours-vmap", "higher", "torchopt"):
+        assert row[f"{name}_relative_difference"] < 1e-10, row
+
+
+@pytest.mark.usefixtures("peer_workarounds_undone")
+def test_easyfsl_episodes_come_from_its_task_sampler_with_the_requested_shape(pools_path: Path) -> None:
+    pools, _ = cases.load_pools(pools_path, torch.device("cpu"))
+    support_x, support_y, query_x, _, class_ids = next(peers.easyfsl_episodes(pools["train"], 5, 2, 3, 0, False))
+    assert support_x.shape == (10, 1, 28, 28) and query_x.shape == (15, 1, 28, 28)
+    assert sorted(support_y.tolist()) == sorted(list(range(5)) * 2) and len(set(class_ids)) == 5
+    # the workarounds this torch needs are recorded, so the output says what ran
+    from torch.utils.data import Sampler
+
+    assert "data_source" in Sampler.__init__.__code__.co_varnames
+    assert all("torchvision" in note or "Sampler" in note for note in peers.NOTES)
+
+
+def test_rate_counts_items_per_second_over_timed_blocks_only() -> None:
+    calls = []
+    result = rate(lambda: calls.append(1), 4, torch.device("cpu"), warmup=2, steps=3, repeats=2)
+    assert len(calls) == 2 + 3 * 2 and len(result["runs"]) == 2 and result["min"] <= result["median"] <= result["max"]
+    assert spread([3.0, 1.0, 2.0])["median"] == 2.0
+
+
+def test_time_to_accuracy_respects_the_budget_halves_the_rate_and_scores_fixed_test_tasks(pools_path: Path) -> None:
+    config = {"device": "cpu", "case": "time_to_accuracy", "method": "protonet", "seconds": 1.5, "halvings": 2,
+              "train": {"ways": 5, "shots": 1, "queries": 5, "tasks": 1}, "precision": "fp32",
+              "validation": {"ways": 5, "shots": 1, "queries": 5, "episodes": 10}, "val_every": 5,
+              "targets": [0.0, 1.01], "test_settings": ["5w1s"]}
+    row = cases.run_case(config, pools_path)
+    assert row["training_seconds"] >= 1.5 and row["meta_steps"] > 0 and row["curve"]
+    assert row["final_lr"] == pytest.approx(1e-3 / 4)
+    assert row["seconds_to_val_target"]["0.0"] is not None and row["seconds_to_val_target"]["1.01"] is None
+    assert 0.0 <= row["test"]["acc_5w1s"]["accuracy"] <= 1.0 and len(row["test"]["acc_5w1s"]["digest"]) == 64
+
+
+def test_adaptation_case_times_one_task_and_batched_evaluation(pools_path: Path) -> None:
+    config = {"device": "cpu", "case": "adaptation", "method": "maml", "ways": 5, "shots": 1, "queries": 5,
+              "warmup": 1, "steps": 2, "repeats": 1}
+    row = cases.run_case(config, pools_path)
+    assert row["seconds_per_task"]["median"] > 0 and row["evaluation_tasks_per_second"]["median"] > 0
+
+
+def test_harness_runs_every_library_in_fresh_processes_and_writes_ratios(pools_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    main(["--out", str(out), "--pools", str(pools_path), "--device", "cpu", "--quick", "--isolate", "yes",
+          "--only", "maml_training"])
+    results = json.loads((out / "results.json").read_text())
+    libraries = {(r["library"], r["variant"]) for r in results["rows"]}
+    assert libraries == {("ours", "loop"), ("ours", "vmap"), ("higher", ""), ("torchopt", "")}
+    assert all("error" not in r and r["tasks_per_second"]["median"] > 0 and r["data"] == "tiny-synthetic"
+               for r in results["rows"])
+    assert results["isolated_processes"] and any(r["peak_bytes"] > 0 for r in results["rows"])
+    assert {(r["ours"], r["peer"]) for r in results["ratios"]} == {(o, p) for o in ("loop", "vmap") for p in ("higher", "torchopt")}
+    assert "## ours / peer (same run)" in (out / "summary.md").read_text()
+
+
+def test_ratios_pair_ours_with_each_peer_on_the_same_episode_shape() -> None:
+    def row(library: str, variant: str, episode: str, value: float, peak: int) -> dict:
+        return {"case": "protonet_training", "library": library, "variant": variant, "episode": episode,
+                "episodes_per_second": spread([value]), "peak_bytes": peak, "sampling_seconds": 0.001,
+                "sampling_share_of_step": 0.03}
+
+    rows = [row("ours", "default", "5w1s15q", 30.0, 100), row("easyfsl", "", "5w1s15q", 10.0, 200),
+            row("ours", "default", "60w5s5q", 3.0, 100), {"case": "protonet_training", "library": "easyfsl",
+                                                         "variant": "", "episode": "60w5s5q", "error": "boom"}]
+    [only] = ratios(rows)
+    assert (only["episode"], only["speed_ratio"], only["memory_ratio"]) == ("5w1s15q", 3.0, 0.5)
+    text = markdown({"device": "cpu", "torch": "x", "threads": 1, "rows": rows, "ratios": [only], "notes": ["n"]})
+    assert "| 5w1s15q | ours | default | 30.00" in text and "3.00x" in text and "boom" in text
