@@ -60,11 +60,13 @@ def random_episode(tasks: int, device: torch.device, seed: int = 0) -> Episode:
     )
 
 
-def measure(kind: str, inner_steps: int, vectorize: str, tasks: int, device: str, repeats: int) -> dict:
+def measure(kind: str, inner_steps: int, vectorize: str, tasks: int, device: str, repeats: int,
+            chunk_size: int | None = None) -> dict:
     """One configuration, in this (fresh) process: peak bytes over the baseline, seconds per meta-step."""
     dev = torch.device(device)
     torch.manual_seed(0)
-    method = build_method(kind, ways=WAYS, image_size=SIDE, inner_steps=inner_steps, vectorize=vectorize).to(dev)
+    method = build_method(kind, ways=WAYS, image_size=SIDE, inner_steps=inner_steps, vectorize=vectorize,
+                          chunk_size=chunk_size).to(dev)
     # Reptile's formula needs plain SGD with lr = beta; the others take any optimizer (Adam, as in the papers)
     params = method.parameters()
     optimizer = torch.optim.SGD(params, lr=1.0) if kind == "reptile" else torch.optim.Adam(params)
@@ -94,7 +96,7 @@ def measure(kind: str, inner_steps: int, vectorize: str, tasks: int, device: str
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
     return {
-        "method": kind, "inner_steps": inner_steps, "vectorize": vectorize,
+        "method": kind, "inner_steps": inner_steps, "vectorize": vectorize, "chunk_size": chunk_size,
         "peak_bytes": int(peak), "seconds_per_step": seconds,
     }
 
@@ -198,8 +200,12 @@ def main() -> None:
         run_fresh({**base, "kind": "maml", "inner_steps": args.ratio_steps, "vectorize": v}, args.threads)
         for v in ("vmap", "loop")
     )
+    chunked = run_fresh({**base, "kind": "maml", "inner_steps": args.ratio_steps, "vectorize": "vmap",
+                         "chunk_size": max(1, tasks // 4)}, args.threads)
     ratio = {
-        "method": "maml", "inner_steps": args.ratio_steps, "vmap": vmap, "loop": loop,
+        "method": "maml", "inner_steps": args.ratio_steps, "vmap": vmap, "loop": loop, "chunked_vmap": chunked,
+        "chunked_memory_ratio_over_vmap": chunked["peak_bytes"] / max(vmap["peak_bytes"], 1),
+        "chunked_time_ratio_over_vmap": chunked["seconds_per_step"] / vmap["seconds_per_step"],
         "time_ratio_vmap_over_loop": vmap["seconds_per_step"] / loop["seconds_per_step"],
         "memory_ratio_vmap_over_loop": vmap["peak_bytes"] / max(loop["peak_bytes"], 1),
     }

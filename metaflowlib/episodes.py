@@ -40,6 +40,14 @@ class Episode:
     def tasks(self) -> int:
         return self.support_x.shape[0]
 
+    def split(self, size: int) -> list[Episode]:
+        """Consecutive batches of at most `size` tasks (to accumulate a meta-gradient chunk by chunk)."""
+        return [
+            Episode(self.support_x[i : i + size], self.support_y[i : i + size], self.query_x[i : i + size],
+                    self.query_y[i : i + size], self.ways, self.embedded)
+            for i in range(0, self.tasks, size)
+        ]
+
 
 @dataclass(frozen=True)
 class EpisodeIndices:

@@ -140,7 +140,8 @@ class InitializationLearner(MetaLearner):
         inner_steps_eval: inner steps at evaluation (`eval()` mode).
         inner_lr: alpha, the inner SGD step size.
         vectorize: "vmap", "loop", or "auto" (vmap on CUDA, loop on CPU).
-        chunk_size: tasks per vmap chunk (None: the whole meta-batch); trades speed for memory.
+        chunk_size: tasks per vmap chunk (None: the whole meta-batch); trades speed for memory (MAML and
+            FOMAML also backpropagate chunk by chunk, so their meta-step's graph is one chunk's).
     """
 
     autocast_safe = False
