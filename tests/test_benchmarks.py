@@ -84,7 +84,8 @@ def test_adaptation_case_times_one_task_and_batched_evaluation(pools_path: Path)
     config = {"device": "cpu", "case": "adaptation", "method": "maml", "ways": 5, "shots": 1, "queries": 5,
               "warmup": 1, "steps": 2, "repeats": 1}
     row = cases.run_case(config, pools_path)
-    assert row["seconds_per_task"]["median"] > 0 and row["evaluation_tasks_per_second"]["median"] > 0
+    assert 0 < row["adaptation_seconds_per_task"] and row["adapt_and_predict_seconds_per_task"]["median"] > 0
+    assert row["evaluation_tasks_per_second"]["median"] > 0
 
 
 def test_harness_runs_every_library_in_fresh_processes_and_writes_ratios(pools_path: Path, tmp_path: Path) -> None:
@@ -114,3 +115,15 @@ def test_ratios_pair_ours_with_each_peer_on_the_same_episode_shape() -> None:
     assert (only["episode"], only["speed_ratio"], only["memory_ratio"]) == ("5w1s15q", 3.0, 0.5)
     text = markdown({"device": "cpu", "torch": "x", "threads": 1, "rows": rows, "ratios": [only], "notes": ["n"]})
     assert "| 5w1s15q | ours | default | 30.00" in text and "3.00x" in text and "boom" in text
+
+
+def test_cpu_peak_memory_is_the_regions_own_even_after_a_higher_peak() -> None:
+    from metaflowlib.benchmarks.timing import PeakMemory
+
+    earlier = torch.ones(50_000_000)  # 200 MB peak before the region
+    del earlier
+    with PeakMemory(torch.device("cpu")) as memory:
+        inside = torch.ones(12_500_000)  # 50 MB
+        del inside
+    assert memory.high_water_reset, "Linux resets VmHWM through /proc/self/clear_refs"
+    assert 40 * 2**20 < memory.peak_bytes() < 120 * 2**20

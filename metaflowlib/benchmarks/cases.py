@@ -28,9 +28,9 @@ from metaflowlib.benchmarks.timing import (
     synchronize,
 )
 from metaflowlib.episodes import Episode, EpisodeSampler, TaskPool, fixed_episodes
-from metaflowlib.evaluate import embed_pool, evaluate_setting, task_accuracies
+from metaflowlib.evaluate import adaptation_seconds, embed_pool, evaluate_setting, task_accuracies
 from metaflowlib.methods import MetaLearner, build_method
-from metaflowlib.runtime import resolve_precision
+from metaflowlib.runtime import autocast, resolve_precision
 from metaflowlib.train import MetaTrainer, build_meta_optimizer
 
 Row = dict[str, Any]
@@ -250,26 +250,34 @@ def maml_gradient_agreement(inner_steps: int = 1, tasks: int = 2, hidden: int = 
 
 
 def adaptation(config: Row, pools: dict[str, TaskPool]) -> Row:
-    """Test-time cost of one library: seconds to adapt to one 5-way task from raw images and predict its queries,
-    and evaluation throughput (tasks/s) in batches."""
+    """Test-time cost, as the pipeline runs it (its precision; channels_last for ProtoNet): the evaluation
+    protocol's adaptation time (one task's raw support images -> theta_i), the time to adapt and label one
+    task's queries, and evaluation throughput (tasks/s in batches of 50)."""
     device, pool = _device(config), pools["test"]
     ways, shots, queries = config["ways"], config["shots"], config["queries"]
     kind = config["method"]
     torch.manual_seed(0)
     method = build_method(kind, **({"ways": ways, "image_size": 28, "inner_steps_eval": 3} if kind == "maml" else {}))
     method = method.to(device).eval()
+    precision = method.precision(resolve_precision("auto", device))
+    if kind == "protonet":
+        method = method.to(memory_format=torch.channels_last)
     one = pool.gather(fixed_episodes(pool, 1, ways, shots, queries, seed=0))
     batch = pool.gather(fixed_episodes(pool, 50, ways, shots, queries, seed=0))
 
     @torch.no_grad()
     def adapt_and_predict(episode: Episode) -> torch.Tensor:
-        return method.adapt_and_predict(episode).argmax(-1)
+        with autocast(device, precision):
+            return method.adapt_and_predict(episode).argmax(-1)
 
+    adapt = adaptation_seconds(method, pool, ways, shots, config["steps"] * config["repeats"], 0, precision)
     latency = seconds_per_call(lambda: adapt_and_predict(one), device, warmup=3, calls=config["steps"], repeats=config["repeats"])
     throughput = rate(lambda: adapt_and_predict(batch), batch.tasks, device, warmup=1, steps=max(1, config["steps"] // 5),
                       repeats=config["repeats"])
     return {"case": "adaptation", "library": "ours", "method": kind, "episode": episode_name(ways, shots, queries),
-            "device": device.type, "seconds_per_task": latency, "evaluation_tasks_per_second": throughput}
+            "device": device.type, "precision": "bf16" if precision is not None else "fp32",
+            "adaptation_seconds_per_task": adapt, "adapt_and_predict_seconds_per_task": latency,
+            "evaluation_tasks_per_second": throughput}
 
 
 # ---------------------------------------------------------------- time to accuracy

@@ -115,8 +115,10 @@ def markdown(results: Row) -> str:
         lines.append("")
     for r in rows:
         if r["case"] == "adaptation" and "error" not in r:
-            lines.append(f"- adaptation, {r['method']} {r['episode']}: {1e3 * r['seconds_per_task']['median']:.2f} ms per task "
-                         f"(one task from raw images); evaluation {r['evaluation_tasks_per_second']['median']:.0f} tasks/s")
+            lines.append(f"- adaptation, {r['method']} {r['episode']} ({r.get('precision', 'fp32')}): "
+                         f"{1e3 * r['adaptation_seconds_per_task']:.2f} ms from one task's raw support images to theta_i, "
+                         f"{1e3 * r['adapt_and_predict_seconds_per_task']['median']:.2f} ms to adapt and label its queries; "
+                         f"evaluation {r['evaluation_tasks_per_second']['median']:.0f} tasks/s")
         if r["case"] == "protonet_training" and r["library"] == "ours" and "error" not in r:
             lines.append(f"- sampling, ours {r['variant']} {r['episode']}: {1e3 * r['sampling_seconds']:.3f} ms per episode, "
                          f"{100 * r['sampling_share_of_step']:.1f}% of a meta-step")

@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Self
 
 import torch
@@ -55,10 +56,15 @@ def seconds_per_call(fn: Callable[[], object], device: torch.device, *, warmup: 
 
 @dataclass
 class PeakMemory:
-    """Peak bytes above the baseline taken on entry (see the module docstring for what is counted)."""
+    """Peak bytes above the baseline taken on entry (see the module docstring for what is counted).
+
+    On Linux the process's resident high-water mark is reset on entry (`/proc/self/clear_refs`), so the
+    peak is the region's even when loading data peaked higher before; elsewhere the peak RSS since start.
+    """
 
     device: torch.device
     baseline: int = 0
+    high_water_reset: bool = False
 
     def __enter__(self) -> Self:
         synchronize(self.device)
@@ -67,7 +73,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.baseline = torch.cuda.memory_allocated(self.device)
         else:
-            self.baseline = rss_peak_bytes()
+            self.high_water_reset = reset_high_water_mark()
+            self.baseline = status_bytes("VmRSS") if self.high_water_reset else rss_peak_bytes()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -75,14 +82,35 @@ class PeakMemory:
 
     @property
     def measure(self) -> str:
-        return "torch.cuda.max_memory_allocated delta" if self.device.type == "cuda" else "peak RSS delta (fresh process)"
+        if self.device.type == "cuda":
+            return "torch.cuda.max_memory_allocated delta"
+        return "resident high-water mark (VmHWM, reset on entry) minus RSS on entry" if self.high_water_reset \
+            else "peak RSS delta (fresh process)"
 
     def peak_bytes(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device) - self.baseline)
-        return int(rss_peak_bytes() - self.baseline)
+        peak = status_bytes("VmHWM") if self.high_water_reset else rss_peak_bytes()
+        return int(peak - self.baseline)
 
 
 def rss_peak_bytes() -> int:
     """Peak resident set size of this process (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_high_water_mark() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
