@@ -94,13 +94,41 @@ def git_commit() -> str:
 
 
 def system_tags(device: torch.device) -> dict[str, str]:
+    """Where a run ran: `device_name` is the GPU's name on CUDA, so `cpu_name` is recorded beside it."""
     return {
         "device": device.type,
         "device_name": device_name(device),
+        "cpu_name": device_name(torch.device("cpu")),
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "git_commit": git_commit(),
     }
+
+
+def replace_child_runs(parent_run_id: str, stage: str, children: dict[str, tuple[dict[str, str], dict[str, float]]]) -> dict[str, str]:
+    """One nested run per `children` entry (run name -> (tags, metrics)) under the parent, tagged `stage`; returns
+    run name -> run id.
+
+    The children an earlier run of `stage` left under this parent are deleted once the new set is logged, so a
+    rerun replaces the set (as it replaces the parent's metrics) instead of piling up a second one beside it; deleted
+    runs stay restorable until `mlflow gc`. Other stages' children of the parent are left alone.
+    """
+    import mlflow
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' and tags.stage = '{stage}'"
+    previous = [run.info.run_id for run in client.search_runs([experiment], query)]
+    created = {}
+    for name, (tags, metrics) in children.items():
+        with mlflow.start_run(experiment_id=experiment, run_name=name, parent_run_id=parent_run_id, nested=True,
+                              tags={**tags, "stage": stage}) as run:
+            mlflow.log_metrics(metrics)
+        created[name] = run.info.run_id
+    for run_id in previous:
+        client.delete_run(run_id)
+    return created
 
 
 def flatten_params(data: Any, prefix: str = "") -> dict[str, str]:

@@ -1,7 +1,10 @@
 """Stage `evaluate@<method>`: the evaluation protocol on the test split, as DVC metrics and in the training run.
 
 Outputs: metrics/<key>/eval.json (DVC metrics), metrics/<key>/shots_curve.csv
-(DVC plot), runs/<key>/evaluate.json (what was logged where).
+(DVC plot), runs/<key>/evaluate.json (what was logged where). In MLflow, every
+metric goes into the training run, and each configuration scored (setting or
+shots-curve point) gets a nested run `evaluate/<ways>w<shots>s` under it; a rerun
+replaces those nested runs.
 """
 
 from __future__ import annotations
@@ -34,6 +37,32 @@ def flat_metrics(report: dict, train: dict) -> dict[str, float]:
     return out
 
 
+PARENT_ONLY_TAGS = ("mlflow.", "evaluated", "episodes_digest_")  # MLflow's own, and what this stage sets on the parent
+
+
+def configurations(report: dict) -> dict[str, dict]:
+    """Every distinct configuration scored: the settings, then the shots-curve points they did not already score."""
+    out = dict(report["settings"])
+    seen = {result["digest"] for result in out.values()}
+    for result in report["shots_curve"].values():
+        if result["digest"] not in seen:
+            out[f"{result['ways']}w{result['shots']}s"] = result
+            seen.add(result["digest"])
+    return out
+
+
+def child_runs(report: dict, parent_tags: dict[str, str], system: dict[str, str]) -> dict[str, tuple[dict[str, str], dict[str, float]]]:
+    """Run name -> (tags, metrics) of the nested run per configuration: the training run's tags (so a search by method,
+    profile or data digest finds them), where this stage ran, and which tasks were scored."""
+    inherited = {k: v for k, v in parent_tags.items() if not k.startswith(PARENT_ONLY_TAGS)}
+    return {
+        f"evaluate/{name}": ({**inherited, **system, "setting": name, "ways": str(r["ways"]), "shots": str(r["shots"]),
+                              "queries": str(r["queries"]), "episodes": str(r["episodes"]), "episodes_digest": r["digest"]},
+                             {"accuracy": r["accuracy"], "ci95": r["ci95"]})
+        for name, r in configurations(report).items()
+    }
+
+
 def main() -> None:
     import mlflow
 
@@ -53,10 +82,12 @@ def main() -> None:
     digests = {name: r["digest"] for name, r in report["settings"].items()}
 
     tracking.configure(p.mlflow.tracking_uri)
-    with mlflow.start_run(run_id=train["run_id"]):
+    with mlflow.start_run(run_id=train["run_id"]) as run:
         mlflow.log_metrics(metrics)
         mlflow.set_tags({f"episodes_digest_{name}": d[:16] for name, d in digests.items()} | {"evaluated": "true"})
         mlflow.log_dict(report, "evaluation/report.json")
+    children = tracking.replace_child_runs(train["run_id"], f"evaluate@{key}",
+                                           child_runs(report, run.data.tags, tracking.system_tags(device)))
 
     write_json(ROOT / "metrics" / key / "eval.json", {**metrics, "episodes": e.episodes, "episodes_digest": digests})
     with atomic_path(ROOT / "metrics" / key / "shots_curve.csv") as tmp, open(tmp, "w", newline="") as handle:
@@ -64,11 +95,12 @@ def main() -> None:
         writer.writerow(["shots", "accuracy", "ci95"])
         for shots, result in report["shots_curve"].items():
             writer.writerow([shots, result["accuracy"], result["ci95"]])
-    write_json(ROOT / "runs" / key / "evaluate.json", {"run_id": train["run_id"], "episodes_digest": digests,
+    write_json(ROOT / "runs" / key / "evaluate.json", {"run_id": train["run_id"], "child_runs": children, "episodes_digest": digests,
                                                        "skipped_settings": report["skipped_settings"]})
     shown = "  ".join(f"{n} {100 * r['accuracy']:.2f}±{100 * r['ci95']:.2f}" for n, r in report["settings"].items())
     skipped = f"; skipped {', '.join(report['skipped_settings'])} (fixed {method.fixed_ways}-way head)" if report["skipped_settings"] else ""
-    print(f"evaluate@{key}: {shown} (%, {e.episodes} tasks each){skipped}; metrics/{key}/eval.json, MLflow run {train['run_id']}")
+    print(f"evaluate@{key}: {shown} (%, {e.episodes} tasks each){skipped}; metrics/{key}/eval.json, MLflow run {train['run_id']} "
+          f"and {len(children)} nested runs")
 
 
 if __name__ == "__main__":

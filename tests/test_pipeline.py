@@ -1,5 +1,6 @@
-"""The real pipeline, end to end, on the real Omniglot data at a tiny budget (about two minutes)."""
+"""The real pipeline, end to end, on the real Omniglot data at a tiny budget (6-8 minutes on 2 shared cores)."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -61,6 +62,27 @@ def dvc(root, env, *args):
     return subprocess.run(["dvc", *args], cwd=root, env=env, capture_output=True, text=True, timeout=900)
 
 
+def evaluation_runs(parent_run_id: str) -> dict[str, mlflow.entities.Run]:
+    """Run name -> the nested evaluate@ runs under a training run that are not deleted; a name held twice fails."""
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.stage LIKE 'evaluate@%'")
+    names = [r.info.run_name for r in runs]
+    assert len(names) == len(set(names)), f"duplicate nested runs: {sorted(names)}"
+    return {r.info.run_name: r for r in runs}
+
+
+def experiments(shown: list[dict]) -> list[dict]:
+    """The experiment revisions of `dvc exp show --json`, each {'name', 'params', 'metrics'} (files' data)."""
+    out = []
+    for baseline in shown:
+        for group in baseline.get("experiments") or []:
+            for rev in group["revs"]:
+                data = rev["data"]
+                out.append({"name": rev["name"], "params": data["params"]["params.yaml"]["data"],
+                            "metrics": {path: m.get("data") for path, m in data["metrics"].items()}})
+    return out
+
+
 def test_dvc_repro_trains_evaluates_registers_and_serves(project):
     root, env = project
     first = dvc(root, env, "repro")
@@ -107,6 +129,16 @@ def test_dvc_repro_trains_evaluates_registers_and_serves(project):
     assert run.data.tags["method"] == "protonet" and run.data.params["method.ways"] == "20"
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")
     assert [m.step for m in history] == [20, 40]
+    children = evaluation_runs(run.info.run_id)
+    assert sorted(children) == ["evaluate/20w1s", "evaluate/20w5s", "evaluate/5w1s", "evaluate/5w5s"]  # shots 1, 5: settings' tasks
+    five = children["evaluate/5w1s"]
+    assert five.data.metrics == {"accuracy": metrics["acc_5w1s"], "ci95": metrics["ci95_5w1s"]}
+    assert five.data.tags["episodes_digest"] == metrics["episodes_digest"]["5w1s"] and five.data.tags["shots"] == "1"
+    assert {k: five.data.tags[k] for k in ("method", "profile", "data_digest", "git_commit", "stage")} == {
+        "method": "protonet", "profile": "default", "data_digest": run.data.tags["data_digest"],
+        "git_commit": run.data.tags["git_commit"], "stage": "evaluate@protonet"}
+    fomaml_run = yaml.safe_load((root / "runs" / "fomaml" / "train.json").read_text())["run_id"]
+    assert sorted(evaluation_runs(fomaml_run)) == ["evaluate/5w1s", "evaluate/5w5s"]
     version = mlflow.MlflowClient().get_model_version("omniglot-vinyals-param_prediction", "1")
     assert version.tags["feature_map_model"] == "omniglot-vinyals-param_prediction-embedding"
     assert version.tags["feature_map_version"] == "1"
@@ -132,10 +164,42 @@ def test_dvc_repro_trains_evaluates_registers_and_serves(project):
 def test_dvc_exp_run_sweeps_a_param(project):
     """An experiment over an evaluation param reruns evaluate/register only, and MLflow sees a new version."""
     root, env = project
-    result = dvc(root, env, "exp", "run", "-S", "evaluate.timing_tasks=4")
+    # two methods' chains are enough to show what reruns; the others would only add minutes
+    result = dvc(root, env, "exp", "run", "-S", "evaluate.timing_tasks=4", "register@protonet", "register@fomaml")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Running stage 'evaluate@protonet'" in result.stdout and "Running stage 'train@protonet'" not in result.stdout
     assert "Running stage 'pretrain@param_prediction'" not in result.stdout
     assert "omniglot-vinyals-protonet version 2" in result.stdout and "omniglot-vinyals-fomaml version 2" in result.stdout
     shown = dvc(root, env, "exp", "show", "--csv")
     assert shown.returncode == 0 and "evaluate.timing_tasks" in shown.stdout
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    train_run = yaml.safe_load((root / "runs" / "protonet" / "train.json").read_text())["run_id"]
+    assert len(evaluation_runs(train_run)) == 4  # the rerun replaced the training run's nested evaluation runs
+    mlflow.set_tracking_uri(None)
+
+
+def test_dvc_exp_run_sweeps_a_method_param_into_dvc_and_mlflow(project):
+    """`dvc exp run -S` on one method's param, limited to its chain: a new training run in MLflow with the value,
+    and an experiment in `dvc exp show` with the value and its metrics."""
+    root, env = project
+    before = yaml.safe_load((root / "runs" / "protonet" / "train.json").read_text())["run_id"]
+    result = dvc(root, env, "exp", "run", "-S", "methods.protonet.meta_optimizer.lr=0.002", "evaluate@protonet")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ran = [line for line in result.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == ["Running stage 'pretrain@protonet':", "Running stage 'train@protonet':", "Running stage 'evaluate@protonet':"]
+
+    shown = dvc(root, env, "exp", "show", "--json")
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    swept = [e for e in experiments(json.loads(shown.stdout)) if e["params"]["methods"]["protonet"]["meta_optimizer"]["lr"] == 0.002]
+    assert len(swept) == 1
+    evaluation = yaml.safe_load((root / "metrics" / "protonet" / "eval.json").read_text())  # the experiment, applied to the workspace
+    assert swept[0]["metrics"]["metrics/protonet/eval.json"]["acc_5w1s"] == evaluation["acc_5w1s"] > 0.4
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    run_id = yaml.safe_load((root / "runs" / "protonet" / "train.json").read_text())["run_id"]
+    assert run_id != before
+    run = mlflow.get_run(run_id)
+    assert run.data.params["method.meta_optimizer.lr"] == "0.002" and run.data.tags["stage"] == "train@protonet"
+    assert run.data.metrics["acc_5w1s"] == evaluation["acc_5w1s"]
+    assert evaluation_runs(run_id)["evaluate/5w1s"].data.metrics["accuracy"] == evaluation["acc_5w1s"]
+    mlflow.set_tracking_uri(None)
