@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from metaflowlib.benchmarks import cases, peers
-from metaflowlib.benchmarks.suite import main, markdown, ratios
+from metaflowlib.benchmarks.suite import main, markdown, ratios, run_isolated
 from metaflowlib.benchmarks.timing import rate, spread
 
 
@@ -88,18 +89,26 @@ def test_adaptation_case_times_one_task_and_batched_evaluation(pools_path: Path)
     assert row["evaluation_tasks_per_second"]["median"] > 0
 
 
-def test_harness_runs_every_library_in_fresh_processes_and_writes_ratios(pools_path: Path, tmp_path: Path) -> None:
+def test_harness_runs_every_library_and_writes_ratios(pools_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    main(["--out", str(out), "--pools", str(pools_path), "--device", "cpu", "--quick", "--isolate", "yes",
+    main(["--out", str(out), "--pools", str(pools_path), "--device", "cpu", "--quick", "--isolate", "no",
           "--only", "maml_training"])
     results = json.loads((out / "results.json").read_text())
     libraries = {(r["library"], r["variant"]) for r in results["rows"]}
     assert libraries == {("ours", "loop"), ("ours", "vmap"), ("higher", ""), ("torchopt", "")}
     assert all("error" not in r and r["tasks_per_second"]["median"] > 0 and r["data"] == "tiny-synthetic"
                for r in results["rows"])
-    assert results["isolated_processes"] and any(r["peak_bytes"] > 0 for r in results["rows"])
     assert {(r["ours"], r["peer"]) for r in results["ratios"]} == {(o, p) for o in ("loop", "vmap") for p in ("higher", "torchopt")}
     assert "## ours / peer (same run)" in (out / "summary.md").read_text()
+
+
+def test_an_isolated_case_runs_in_a_fresh_process_and_reports_its_own_peak(pools_path: Path) -> None:
+    config = {"device": "cpu", "case": "maml_training", "library": "ours", "variant": "loop", "ways": 5, "shots": 1,
+              "queries": 5, "tasks": 2, "inner_steps": 1, "warmup": 1, "steps": 1, "repeats": 1}
+    row = run_isolated(config, pools_path)
+    assert row["data"] == "tiny-synthetic" and row["peak_bytes"] > 0 and row["tasks_per_second"]["median"] > 0
+    with pytest.raises(RuntimeError, match="no_such_case failed"):
+        run_isolated({**config, "case": "no_such_case"}, pools_path)
 
 
 def test_ratios_pair_ours_with_each_peer_on_the_same_episode_shape() -> None:
@@ -120,10 +129,13 @@ def test_ratios_pair_ours_with_each_peer_on_the_same_episode_shape() -> None:
 def test_cpu_peak_memory_is_the_regions_own_even_after_a_higher_peak() -> None:
     from metaflowlib.benchmarks.timing import PeakMemory
 
-    earlier = torch.ones(50_000_000)  # 200 MB peak before the region
-    del earlier
+    def touch(megabytes: int) -> None:  # fresh pages from the OS (an allocator could reuse resident ones)
+        with mmap.mmap(-1, megabytes * 2**20) as pages:
+            for offset in range(0, len(pages), mmap.PAGESIZE):
+                pages[offset] = 1
+
+    touch(200)  # a higher peak before the region
     with PeakMemory(torch.device("cpu")) as memory:
-        inside = torch.ones(12_500_000)  # 50 MB
-        del inside
+        touch(50)
     assert memory.high_water_reset, "Linux resets VmHWM through /proc/self/clear_refs"
     assert 40 * 2**20 < memory.peak_bytes() < 120 * 2**20
