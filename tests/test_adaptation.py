@@ -22,6 +22,7 @@ from metaflowlib.adaptation import (
     joint_loss,
     rotate_batch,
 )
+from metaflowlib.adaptation.base import batchnorm_layers
 from metaflowlib.models import BatchNorm2d
 
 CLASSES = 5
@@ -176,15 +177,31 @@ def test_ttt_updates_extractor_not_main_head_and_resets(update_rotation_head: bo
 
     assert_same_state(model, source)
     moved = {name: not torch.equal(p, source[name]) for name, p in ttt.model.named_parameters()}
-    assert all(v for k, v in moved.items() if k.startswith("extractor."))
+    # every conv feeds a BatchNorm whose batch mean subtracts the conv's bias: its gradient is zero
+    cancelled = {f"{name}.bias" for name, m in ttt.model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert not any(moved[k] for k in cancelled)
+    assert all(v for k, v in moved.items() if k.startswith("extractor.") and k not in cancelled)
     assert not any(v for k, v in moved.items() if k.startswith("head."))
-    assert all(v == update_rotation_head for k, v in moved.items() if k.startswith("rotation_head."))
-    for name, buf in ttt.model.named_buffers():
-        assert torch.equal(buf, source[name]), name  # eval mode: source BN statistics kept
+    assert all(v == update_rotation_head for k, v in moved.items() if k.startswith("rotation_head.") and k not in cancelled)
+    for layer in batchnorm_layers(ttt.model):  # test-batch statistics: no running statistics kept or updated
+        assert layer.running_mean is None and layer.running_var is None
 
     ttt.reset()
-    assert_same_state(ttt.model, source)
-    assert torch.equal(ttt.model(batch()), model(batch()))
+    assert all(torch.equal(p, source[name]) for name, p in ttt.model.named_parameters())
+    assert torch.equal(ttt.model(batch()), BNAdapter(model).predict(batch()))
+
+
+def test_ttt_normalizes_with_the_test_batch() -> None:
+    """Issue 6: with the source running statistics, TTT trailed the unadapted source classifier under shift."""
+    model, x = tiny_ttt_model(), batch()
+    frozen = functools.partial(torch.optim.SGD, lr=0.0)  # weights unchanged: only the normalization differs
+    bn = BNAdapter(model).predict(x)
+    assert torch.allclose(TTTAdapter(model, optimizer=frozen).predict(x), bn, atol=1e-6)
+    running = TTTAdapter(model, optimizer=frozen, batch_statistics=False).predict(x)
+    assert torch.allclose(running, model(x), atol=1e-6)
+    assert not torch.allclose(running, bn, atol=1e-3)
+    with pytest.raises(ValueError, match="'ttt' strategy .* at least 2 examples"):
+        TTTAdapter(model).predict(batch(1))
 
 
 def test_ttt_defaults_follow_the_paper() -> None:
