@@ -76,7 +76,8 @@ def test_time_to_accuracy_respects_the_budget_halves_the_rate_and_scores_fixed_t
               "targets": [0.0, 1.01], "test_settings": ["5w1s"]}
     row = cases.run_case(config, pools_path)
     assert row["training_seconds"] >= 1.5 and row["meta_steps"] > 0 and row["curve"]
-    assert row["final_lr"] == pytest.approx(1e-3 / 4)
+    # the rate halves on the clock (at 1/3 and 2/3 of the budget); the last step may land before 2/3 on a slow machine
+    assert row["final_lr"] in (pytest.approx(1e-3 / 2), pytest.approx(1e-3 / 4))
     assert row["seconds_to_val_target"]["0.0"] is not None and row["seconds_to_val_target"]["1.01"] is None
     assert 0.0 <= row["test"]["acc_5w1s"]["accuracy"] <= 1.0 and len(row["test"]["acc_5w1s"]["digest"]) == 64
 
@@ -92,12 +93,12 @@ def test_adaptation_case_times_one_task_and_batched_evaluation(pools_path: Path)
 def test_harness_runs_every_library_and_writes_ratios(pools_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench"
     main(["--out", str(out), "--pools", str(pools_path), "--device", "cpu", "--quick", "--isolate", "no",
-          "--only", "maml_training"])
+          "--only", "maml_training", "--maml-tasks", "4"])
     results = json.loads((out / "results.json").read_text())
     libraries = {(r["library"], r["variant"]) for r in results["rows"]}
     assert libraries == {("ours", "loop"), ("ours", "vmap"), ("higher", ""), ("torchopt", "")}
     assert all("error" not in r and r["tasks_per_second"]["median"] > 0 and r["data"] == "tiny-synthetic"
-               for r in results["rows"])
+               and r["tasks_per_step"] == 4 for r in results["rows"])
     assert {(r["ours"], r["peer"]) for r in results["ratios"]} == {(o, p) for o in ("loop", "vmap") for p in ("higher", "torchopt")}
     assert "## ours / peer (same run)" in (out / "summary.md").read_text()
 

@@ -32,7 +32,7 @@ Row = dict[str, Any]
 SECTIONS = ("maml_gradient_agreement", "protonet_training", "maml_training", "adaptation", "profile", "time_to_accuracy")
 
 
-def plan(device: torch.device, quick: bool, seconds: dict[str, float]) -> list[Row]:
+def plan(device: torch.device, quick: bool, seconds: dict[str, float], maml_tasks: int = 32) -> list[Row]:
     """The case configurations for this device (smaller step counts on a CPU, tiny ones with --quick)."""
     gpu = device.type == "cuda"
     base = {"device": str(device)}
@@ -47,7 +47,8 @@ def plan(device: torch.device, quick: bool, seconds: dict[str, float]) -> list[R
     variants = [("ours", "vmap"), ("ours", "chunked"), ("ours", "loop")] if gpu else [("ours", "loop"), ("ours", "vmap")]
     for library, variant in variants + [("higher", ""), ("torchopt", "")]:
         configs.append({**base, **maml_timing, "case": "maml_training", "library": library, "variant": variant,
-                        "ways": 5, "shots": 1, "queries": 15, "tasks": 32, "inner_steps": 1, "chunk_size": 8})
+                        "ways": 5, "shots": 1, "queries": 15, "tasks": maml_tasks, "inner_steps": 1,
+                        "chunk_size": max(1, maml_tasks // 4)})
     for method in ("protonet", "maml"):
         configs.append({**base, **scale(3, 20, 3), "case": "adaptation", "method": method, "ways": 5, "shots": 1, "queries": 15})
         configs.append({**base, "case": "profile", "method": method, "steps": 1 if quick else 5, "tasks": 32 if gpu else 4})
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="one step per measurement: checks that every case runs")
     parser.add_argument("--protonet-seconds", type=float, help="time-to-accuracy budget (default 60 on a GPU, off on a CPU)")
     parser.add_argument("--maml-seconds", type=float, help="time-to-accuracy budget (default 100 on a GPU, off on a CPU)")
+    parser.add_argument("--maml-tasks", type=int, default=32, help="meta-batch of the MAML throughput cases (default 32)")
     parser.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto", help="auto: subprocess per case on a CPU")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--pools", help="a prepared pools .npz (cases.write_pools) instead of --data")
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join(sys.argv), "rows": [], "ratios": [], "notes": [],
     }
     wanted = set(args.only or SECTIONS)
-    configs = [c for c in plan(device, args.quick, seconds) if c["case"] in wanted]
+    configs = [c for c in plan(device, args.quick, seconds, args.maml_tasks) if c["case"] in wanted]
     if "maml_gradient_agreement" in wanted:
         row = cases.maml_gradient_agreement()
         results["rows"].append(row)
