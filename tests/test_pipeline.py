@@ -1,4 +1,4 @@
-"""The real pipeline, end to end, on the real Omniglot data at a tiny budget (6-8 minutes on 2 shared cores)."""
+"""The real pipeline, end to end, on the real Omniglot data at a tiny budget (about 5 minutes on 2 quiet cores)."""
 
 import json
 import os
