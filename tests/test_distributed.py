@@ -115,7 +115,7 @@ def free_port() -> int:
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("gradients")
     mp.spawn(gradient_worker, args=(free_port(), out), nprocs=WORLD)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 def assert_grads_close(actual: dict, expected: dict, rtol: float) -> None:
@@ -283,7 +283,7 @@ def test_torchrun_training_keeps_one_omega_and_one_writer(tmp_path, one_thread):
     done = subprocess.run(torchrun_command(Path(__file__), [str(tmp_path)], WORLD), env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
     for name, value in r0["omega"].items():
         assert torch.equal(value, r1["omega"][name]), name
         assert torch.equal(value, r0["resumed_omega"][name]) and torch.equal(value, r1["resumed_omega"][name]), name
