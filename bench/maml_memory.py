@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -37,11 +36,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from metaflowlib.episodes import Episode  # noqa: E402
-from metaflowlib.methods import build_method  # noqa: E402
+from metaflowlib.episodes import Episode
+from metaflowlib.methods import build_method
+from metaflowlib.runtime import device_name
 
 METHOD_KINDS = ("maml", "fomaml", "reptile", "imaml")
 INNER_STEPS = (1, 2, 5, 10, 20)
@@ -50,7 +50,7 @@ WAYS, SHOTS, QUERIES, SIDE = 5, 1, 15, 28
 
 def random_episode(tasks: int, device: torch.device, seed: int = 0) -> Episode:
     g = torch.Generator().manual_seed(seed)
-    labels = lambda k: torch.arange(WAYS).repeat_interleave(k).expand(tasks, -1).to(device)  # noqa: E731
+    labels = lambda k: torch.arange(WAYS).repeat_interleave(k).expand(tasks, -1).to(device)
     return Episode(
         support_x=torch.randn(tasks, WAYS * SHOTS, 1, SIDE, SIDE, generator=g).to(device),
         support_y=labels(SHOTS),
@@ -115,15 +115,6 @@ def run_fresh(config: dict, threads: int | None) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"configuration {config} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def plot(runs: list[dict], path: Path, title: str) -> None:
@@ -210,7 +201,7 @@ def main() -> None:
         "memory_ratio_vmap_over_loop": vmap["peak_bytes"] / max(loop["peak_bytes"], 1),
     }
     print(json.dumps(ratio), flush=True)
-    name = device_name(args.device)
+    name = device_name(torch.device(args.device))
     results = {
         "device": name, "device_type": torch.device(args.device).type, "torch": torch.__version__,
         "threads": args.threads or torch.get_num_threads(),

@@ -28,7 +28,12 @@ from metaflowlib.benchmarks.timing import (
     synchronize,
 )
 from metaflowlib.episodes import Episode, EpisodeSampler, TaskPool, fixed_episodes
-from metaflowlib.evaluate import adaptation_seconds, embed_pool, evaluate_setting, task_accuracies
+from metaflowlib.evaluate import (
+    adaptation_seconds,
+    embed_pool,
+    evaluate_setting,
+    task_accuracies,
+)
 from metaflowlib.methods import MetaLearner, build_method
 from metaflowlib.runtime import autocast, resolve_precision
 from metaflowlib.train import MetaTrainer, build_meta_optimizer
@@ -107,6 +112,15 @@ def our_trainer(method: MetaLearner, pool: TaskPool, ways: int, shots: int, quer
     return MetaTrainer(method, sampler, optimizer, scheduler, precision=precision, **{**settings, **loop})
 
 
+def as_the_pipeline_runs(method: MetaLearner, device: torch.device, precision: str = "auto") -> tuple[MetaLearner, torch.dtype | None]:
+    """`method` on `device` with the pipeline's defaults: its autocast dtype (bf16 where the hardware has bf16
+    units and the method allows it), and channels_last for the per-example convolutional methods."""
+    method = method.to(device)
+    if method.per_example_features:
+        method = method.to(memory_format=torch.channels_last)
+    return method, method.precision(resolve_precision(precision, device))
+
+
 def _device(config: Row) -> torch.device:
     return torch.device(config["device"])
 
@@ -132,10 +146,8 @@ def protonet_training(config: Row, pools: dict[str, TaskPool]) -> Row:
     row: Row = {"case": "protonet_training", "library": library, "variant": variant,
                 "episode": episode_name(ways, shots, queries), "device": device.type}
     if library == "ours":
-        method = build_method("protonet").to(device)
-        precision = resolve_precision("auto", device) if variant == "default" else None
-        if variant == "default":
-            method = method.to(memory_format=torch.channels_last)
+        method, precision = (as_the_pipeline_runs(build_method("protonet"), device) if variant == "default"
+                             else (build_method("protonet").to(device), None))
         trainer = our_trainer(method, pool, ways, shots, queries, 1, precision=precision)
         step = trainer.meta_step
         row["precision"] = "bf16" if precision is not None else "fp32"
@@ -258,10 +270,7 @@ def adaptation(config: Row, pools: dict[str, TaskPool]) -> Row:
     kind = config["method"]
     torch.manual_seed(0)
     method = build_method(kind, **({"ways": ways, "image_size": 28, "inner_steps_eval": 3} if kind == "maml" else {}))
-    method = method.to(device).eval()
-    precision = method.precision(resolve_precision("auto", device))
-    if kind == "protonet":
-        method = method.to(memory_format=torch.channels_last)
+    method, precision = as_the_pipeline_runs(method.eval(), device)
     one = pool.gather(fixed_episodes(pool, 1, ways, shots, queries, seed=0))
     batch = pool.gather(fixed_episodes(pool, 50, ways, shots, queries, seed=0))
 
@@ -294,13 +303,12 @@ def time_to_accuracy(config: Row, pools: dict[str, TaskPool]) -> Row:
     torch.manual_seed(config.get("seed", 0))
     train = config["train"]  # ways, shots, queries, tasks
     if kind == "protonet":
-        method = build_method("protonet").to(device).to(memory_format=torch.channels_last)
-        precision = resolve_precision(config.get("precision", "auto"), device)
+        method = build_method("protonet")
     else:
         method = build_method(kind, ways=train["ways"], image_size=28, inner_steps=config.get("inner_steps", 1),
                               inner_steps_eval=config.get("inner_steps_eval", 3), inner_lr=config.get("inner_lr", 0.4),
-                              vectorize=config.get("vectorize", "auto")).to(device)
-        precision = None
+                              vectorize=config.get("vectorize", "auto"))
+    method, precision = as_the_pipeline_runs(method, device, config.get("precision", "auto"))
     val = config["validation"]
     val_indices = fixed_episodes(pools["val"], val["episodes"], val["ways"], val["shots"], val["queries"], seed=1)
 
@@ -361,12 +369,10 @@ def profile(config: Row, pools: dict[str, TaskPool]) -> Row:
     kind = config["method"]
     torch.manual_seed(0)
     if kind == "protonet":
-        method = build_method("protonet").to(device).to(memory_format=torch.channels_last)
-        precision = resolve_precision("auto", device)
+        method, precision = as_the_pipeline_runs(build_method("protonet"), device)
         trainer = our_trainer(method, pools["train"], 60, 5, 5, 1, precision=precision)
     else:
-        method = build_method("maml", ways=5, image_size=28, vectorize="auto").to(device)
-        precision = None
+        method, precision = as_the_pipeline_runs(build_method("maml", ways=5, image_size=28, vectorize="auto"), device)
         trainer = our_trainer(method, pools["train"], 5, 1, 15, config.get("tasks", 32))
     for _ in range(3):
         trainer.meta_step()
