@@ -41,7 +41,7 @@ def load_meta_knowledge(directory: str | Path, device: str | torch.device = "cpu
     config, state = read_tensor_dir(directory)
     if config.get("kind") not in METHODS or not isinstance(config.get("config"), dict):
         raise DataError(f"{directory / CONFIG_FILE}: 'kind' must be one of {sorted(METHODS)} with a 'config' object")
-    method = build_method(config["kind"], **config["config"])
+    method = build_method(config["kind"], **{**METHODS[config["kind"]].legacy_defaults, **config["config"]})
     expected = set(method.state_dict())
     if set(state) != expected:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)

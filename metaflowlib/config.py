@@ -69,10 +69,12 @@ class Budgets(Strict):
 
 
 class MetaOptimizer(Strict):
-    """The outer-loop optimizer of omega, with a step decay (Snell et al.: Adam 1e-3 halved every 2000 episodes)."""
+    """The outer-loop optimizer of omega and its schedule: `step` (Snell et al.: Adam 1e-3 halved every
+    2000 episodes) or `linear` to 0 at the end of the episode budget (Nichol et al.'s `--meta-step-final 0`)."""
 
     name: Literal["adam", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0)
+    schedule: Literal["step", "linear"] = "step"
     decay_every: int = Field(2000, ge=1)
     decay: float = Field(0.5, gt=0, le=1)
     grad_clip: float | None = Field(None, gt=0)
@@ -87,11 +89,22 @@ class MethodBase(Strict):
     tasks_per_step: int = Field(1, ge=1)  # meta-batch size
     meta_optimizer: MetaOptimizer = MetaOptimizer()
     budget: Budgets = Budgets()
+    val_every: int | None = Field(None, ge=1)  # episodes between validations; null: train.val_every
     description: str = ""
 
     def model_config_dict(self, image_size: int) -> dict[str, Any]:
         """Constructor arguments of the method class (omega's architecture and adaptation settings)."""
         raise NotImplementedError
+
+    @model_validator(mode="after")
+    def _linear_schedule_has_an_end(self) -> MethodBase:
+        """A schedule that reaches 0 at the end of the budget needs the budget in episodes."""
+        if self.meta_optimizer.schedule == "linear":
+            missing = [name for name in ("default", "full") if getattr(self.budget, name).episodes is None]
+            if missing:
+                raise ValueError(f"meta_optimizer.schedule 'linear' anneals to 0 at the last episode: "
+                                 f"budget.{missing[0]} needs episodes")
+        return self
 
 
 class ProtoNetParams(MethodBase):
@@ -119,14 +132,16 @@ class InitializationParams(MethodBase):
     inner_steps: int = Field(1, ge=1)
     inner_steps_eval: int = Field(3, ge=1)
     inner_lr: float = Field(0.4, gt=0)
+    head_init: Literal["zeros", "normal"] = "zeros"  # zeros: all logits equal under theta; normal: N(0, 1) as Finn et al.'s code
+    layout: Literal["strided", "maxpool"] = "strided"  # strided: Finn et al.'s Omniglot Conv-4; maxpool: ProtoNet's
     vectorize: Literal["auto", "vmap", "loop"] = "auto"  # auto: vmap over tasks on CUDA, a per-task loop on CPU
     chunk_size: int | None = Field(None, ge=1)  # tasks per vmap chunk: trades speed for memory
-    budget: Budgets = Budgets(default=Budget(seconds=120), full=Budget(episodes=60000))
+    budget: Budgets = Budgets(default=Budget(episodes=1000), full=Budget(episodes=60000))
 
     def model_config_dict(self, image_size: int) -> dict[str, Any]:
         return {"ways": self.ways, "hidden": self.hidden, "image_size": image_size, "inner_steps": self.inner_steps,
-                "inner_steps_eval": self.inner_steps_eval, "inner_lr": self.inner_lr, "vectorize": self.vectorize,
-                "chunk_size": self.chunk_size}
+                "inner_steps_eval": self.inner_steps_eval, "inner_lr": self.inner_lr, "head_init": self.head_init,
+                "layout": self.layout, "vectorize": self.vectorize, "chunk_size": self.chunk_size}
 
 
 class MAMLParams(InitializationParams):
@@ -137,15 +152,20 @@ class ReptileParams(InitializationParams):
     """Nichol et al.: the outer update theta + beta * mean(W_i - theta) is SGD with lr = beta on Reptile's .grad."""
 
     kind: Literal["reptile"]
+    shots: int = Field(5, ge=1)  # with use_query, 5 + 5 = Nichol et al.'s 10 train shots per class
+    queries: int = Field(5, ge=1)
     inner_steps: int = Field(5, ge=1)
-    inner_steps_eval: int = Field(10, ge=1)
-    inner_lr: float = Field(0.1, gt=0)
+    inner_steps_eval: int = Field(50, ge=1)
+    inner_lr: float = Field(1e-3, gt=0)
+    inner_optimizer: Literal["adam", "sgd"] = "adam"  # Nichol et al.'s code: Adam with beta1 = 0
+    inner_batch: int | None = Field(10, ge=1)  # examples per inner step (Nichol et al.: 10); null: all
     tasks_per_step: int = Field(5, ge=1)
-    use_query: bool = True  # inner SGD on support + query of each training task
-    meta_optimizer: MetaOptimizer = MetaOptimizer(name="sgd", lr=1.0, decay_every=2000, decay=0.5)
+    use_query: bool = True  # inner loop on support + query of each training task
+    meta_optimizer: MetaOptimizer = MetaOptimizer(name="sgd", lr=1.0, schedule="linear")
 
     def model_config_dict(self, image_size: int) -> dict[str, Any]:
-        return {**super().model_config_dict(image_size), "use_query": self.use_query}
+        return {**super().model_config_dict(image_size), "use_query": self.use_query,
+                "inner_optimizer": self.inner_optimizer, "inner_batch": self.inner_batch}
 
     @model_validator(mode="after")
     def _plain_sgd(self) -> ReptileParams:
@@ -163,9 +183,12 @@ class IMAMLParams(InitializationParams):
     inner_lr: float = Field(0.1, gt=0)
     lam: float = Field(2.0, gt=0)
     cg_steps: int = Field(5, ge=1)
+    cg_damping: float = Field(1.0, ge=0)  # A = (1 + cg_damping) I + H / (lam + lam_damping): imaml_dev's defaults
+    lam_damping: float = Field(10.0, ge=0)
 
     def model_config_dict(self, image_size: int) -> dict[str, Any]:
-        return {**super().model_config_dict(image_size), "lam": self.lam, "cg_steps": self.cg_steps}
+        return {**super().model_config_dict(image_size), "lam": self.lam, "cg_steps": self.cg_steps,
+                "cg_damping": self.cg_damping, "lam_damping": self.lam_damping}
 
 
 class PretrainBudget(Strict):

@@ -66,11 +66,20 @@ class TrainResult:
         return self.episodes / self.seconds if self.seconds else 0.0
 
 
-def build_meta_optimizer(method: MetaLearner, name: str, lr: float, decay_every: int, decay: float):
-    """The outer optimizer of omega and its step decay (per meta-step)."""
+def build_meta_optimizer(
+    method: MetaLearner, name: str, lr: float, decay_every: int, decay: float, schedule: str = "step",
+    total_steps: int | None = None,
+):
+    """The outer optimizer of omega and its per-meta-step schedule: a step decay, or linear from lr to 0
+    over `total_steps` (Nichol et al.'s outer step size, annealed to `--meta-step-final 0`)."""
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr) if name == "adam" else torch.optim.SGD(params, lr=lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=decay_every, gamma=decay)
+    if schedule == "linear":
+        if not total_steps:
+            raise ValueError("a linear schedule needs total_steps (an episode budget)")
+        scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, total_iters=total_steps)
+    else:
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=decay_every, gamma=decay)
     return optimizer, scheduler
 
 
@@ -83,6 +92,8 @@ class MetaTrainer:
         checkpoint_dir: resume from / save to here every `checkpoint_every` episodes, and on
             SIGINT/SIGTERM, which stop the loop after the current meta-step (`Interrupted`).
         log: receives {"train_loss", "train_accuracy", "val_accuracy", "lr"} per step.
+        diagnose: omega -> named numbers logged with each validation (the method's `diagnostics` on a fixed
+            batch of tasks: whether its assumptions hold), computed in training mode.
         progress: "bar" (tqdm), "log" (a line per validation), or "off".
         distributed: this rank's place in a torchrun group (docs/distributed.md), or None. Every rank
             passes the same arguments, its own share of the meta-batch in `sampler`; the ranks start
@@ -96,11 +107,12 @@ class MetaTrainer:
         checkpoint_dir: Path | None = None, checkpoint_every: int = 500, log: LogFn | None = None,
         precision: torch.dtype | None = None, grad_clip: float | None = None, progress: str = "log",
         log_every: int = 10, distributed: Replicas | None = None,
+        diagnose: Callable[[MetaLearner], dict[str, float]] | None = None,
     ) -> None:
         if max_episodes is None and max_seconds is None:
             raise ValueError("a budget needs max_episodes or max_seconds")
         self.method, self.sampler, self.optimizer, self.scheduler = method, sampler, optimizer, scheduler
-        self.validate, self.val_every = validate, val_every
+        self.validate, self.val_every, self.diagnose = validate, val_every, diagnose
         self.max_episodes, self.max_seconds = max_episodes, max_seconds
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
         self.distributed = distributed
@@ -129,6 +141,9 @@ class MetaTrainer:
                 metrics = {"train_loss": stats.loss, "train_accuracy": stats.accuracy, "lr": self.scheduler.get_last_lr()[0]}
                 if self.episode % self.val_every == 0 or self._budget_spent():
                     metrics["val_accuracy"] = self._validate()
+                    if self.diagnose is not None and self.is_main:
+                        self.method.train()
+                        metrics.update(self.diagnose(self.method))
                     self._report(metrics)
                 if self.episode % self.log_every == 0 or "val_accuracy" in metrics:
                     self.log(metrics, self.episode)

@@ -25,7 +25,7 @@ from metaflowlib import distributed, tracking
 from metaflowlib.artifacts import load_meta_knowledge, save_meta_knowledge
 from metaflowlib.config import Params
 from metaflowlib.data.store import load_info, load_pool
-from metaflowlib.episodes import EpisodeSampler
+from metaflowlib.episodes import EpisodeSampler, fixed_episodes
 from metaflowlib.errors import DataError, Interrupted
 from metaflowlib.evaluate import embed_pool, evaluate_setting
 from metaflowlib.io import atomic_path, read_json, write_json
@@ -55,6 +55,12 @@ def validator(pool, p: Params, dtype):
                                 p.evaluate.batch_tasks, dtype).accuracy
 
     return validate
+
+
+def diagnoser(pool, mp, seed: int):
+    """omega -> the method's `diagnostics` on 8 fixed validation tasks of its own training shape."""
+    episode = pool.gather(fixed_episodes(pool, 8, mp.ways, mp.shots, mp.queries, seed))
+    return lambda method: method.diagnostics(episode)
 
 
 def fingerprint(p: Params, key: str, pretrained: dict) -> str:
@@ -109,16 +115,18 @@ def train(p: Params, key: str, device: torch.device, group: distributed.Distribu
     if group is not None:  # each rank its share of the meta-batch, from its own task stream
         tasks, seed = group.shard(tasks, f"methods.{key}.tasks_per_step"), p.seed + group.rank
     sampler = EpisodeSampler(train_pool, mp.ways, mp.shots, mp.queries, tasks, seed=seed)
-    optimizer, scheduler = build_meta_optimizer(method, **mp.meta_optimizer.model_dump(exclude={"grad_clip"}))
+    optimizer, scheduler = build_meta_optimizer(method, **mp.meta_optimizer.model_dump(exclude={"grad_clip"}),
+                                                total_steps=budget.episodes)
 
     checkpoints = ROOT / "checkpoints" / key
 
     def trainer(log: tracking.MetricLogger | None, progress: str) -> MetaTrainer:
         return MetaTrainer(
-            method, sampler, optimizer, scheduler, validate=validator(val_pool, p, dtype), val_every=p.train.val_every,
+            method, sampler, optimizer, scheduler, validate=validator(val_pool, p, dtype), val_every=mp.val_every or p.train.val_every,
             max_episodes=budget.episodes, max_seconds=budget.seconds, checkpoint_dir=checkpoints / "state",
             checkpoint_every=p.train.checkpoint_every, log=log, precision=dtype,
             grad_clip=mp.meta_optimizer.grad_clip, progress=progress, distributed=group,
+            diagnose=diagnoser(val_pool, mp, p.seed + 2),
         )
 
     if group is not None and not group.is_main:  # a worker rank: its share of every step, no tracking, no files
@@ -191,7 +199,9 @@ def resume_run_id(checkpoints, expected: str) -> str | None:
 
 
 def write_curve(path, history: list[dict]) -> None:
+    """One row per logged step; a method's diagnostics (at validations) follow the standard columns."""
     fields = ["episode", "train_loss", "train_accuracy", "val_accuracy", "lr"]
+    fields += sorted({key for row in history for key in row} - set(fields))
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()

@@ -116,3 +116,11 @@ def test_shift_names_methods_that_exist():
     data["shift"].update(methods=["protonet"], queries=19, setting="5w5s")
     with pytest.raises(ConfigError, match="shift.setting: shots \\+ queries = 24 exceeds the 20 examples per Omniglot class"):
         parse_params(data)
+
+
+def test_a_method_block_may_validate_on_its_own_cadence() -> None:
+    p = parse_params({"methods": {"imaml": {"kind": "imaml", "val_every": 25}, "maml": {"kind": "maml"}},
+                      "train": {"val_every": 200}})
+    assert p.method("imaml").val_every == 25 and p.method("maml").val_every is None
+    with pytest.raises(ConfigError, match="val_every"):
+        parse_params({"methods": {"imaml": {"kind": "imaml", "val_every": 0}}})

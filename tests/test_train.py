@@ -114,3 +114,20 @@ def test_budget_is_required(tiny_pool):
     with pytest.raises(ValueError, match="budget"):
         MetaTrainer(method, EpisodeSampler(tiny_pool, 2, 1, 1), optimizer, scheduler, validate=lambda m: 0.0,
                     val_every=1, max_episodes=None, max_seconds=None)
+
+
+def test_diagnostics_ride_along_with_each_validation_in_training_mode(tiny_pool):
+    modes = []
+
+    def diagnose(method):
+        modes.append(method.training)
+        return {"inner_grad_norm": 0.5}
+
+    trainer = make_trainer(tiny_pool, episodes=5)
+    trainer.diagnose = diagnose
+    trainer.log_every = 1
+    result = trainer.run()
+    rows = [row for row in result.history if "val_accuracy" in row]
+    assert [row["episode"] for row in rows] == [2, 4, 5] and all(row["inner_grad_norm"] == 0.5 for row in rows)
+    assert all("inner_grad_norm" not in row for row in result.history if "val_accuracy" not in row)
+    assert modes == [True, True, True]

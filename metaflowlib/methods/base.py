@@ -55,6 +55,9 @@ class MetaLearner(nn.Module, ABC):
     pretrained_module: ClassVar[str | None] = None
     transductive: ClassVar[bool] = False  # True: predictions use statistics of the whole query batch (BatchNorm)
     autocast_safe: ClassVar[bool] = True  # False: always fp32 (e.g. second derivatives through an inner loop)
+    # constructor arguments added after omegas were first saved, with the value that reproduces those omegas:
+    # a saved config that lacks one is rebuilt with it (artifacts.load_meta_knowledge)
+    legacy_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **config: Any) -> None:
         super().__init__()
@@ -105,6 +108,11 @@ class MetaLearner(nn.Module, ABC):
         """Mean query cross-entropy after adaptation, and the query logits."""
         logits = self.adapt_and_predict(episode)
         return query_cross_entropy(logits, episode.query_y), logits
+
+    def diagnostics(self, episode: Episode) -> dict[str, float]:
+        """Named numbers that say whether the method's assumptions hold on these tasks (logged at each
+        validation); none unless a method has assumptions worth watching."""
+        return {}
 
     def meta_gradient(self, episode: Episode) -> StepStats:
         """Accumulate d(meta-loss)/d(omega) into `.grad`; the loop applies the outer optimizer.

@@ -28,12 +28,15 @@ from torch.func import functional_call, grad, vmap
 
 from metaflowlib.methods.base import MetaLearner
 from metaflowlib.models import Conv4, conv4_output_dim
+from metaflowlib.models.conv4 import Layout
 from metaflowlib.models.batchnorm import BatchNorm2d
 from metaflowlib.optim.functional import SGD, InnerOptimizer
 
 Params = dict[str, Tensor]
 Vectorize = Literal["auto", "vmap", "loop"]
 VECTORIZE_MODES = ("auto", "vmap", "loop")
+HeadInit = Literal["normal", "zeros"]
+HEAD_INITS = ("normal", "zeros")
 
 
 def resolve_vectorize(vectorize: Vectorize, device: torch.device) -> Literal["vmap", "loop"]:
@@ -77,6 +80,7 @@ def inner_loop(
     optimizer: InnerOptimizer,
     first_order: bool = False,
     proximal: float = 0.0,
+    batch_size: int | None = None,
     mode: Literal["vmap", "loop"] = "loop",
     chunk_size: int | None = None,
 ) -> Params:
@@ -91,6 +95,8 @@ def inner_loop(
             Hessian terms and autograd records nothing of the inner loop.
         proximal: lambda of iMAML's inner objective L(phi) + lambda/2 ||phi - theta||^2
             (Rajeswaran et al. 2019); 0 for MAML and Reptile.
+        batch_size: examples per step, taken in order and cycling (Reptile's inner mini-batches,
+            Nichol et al.'s `inner_batch`); None: every step sees all S examples.
 
     Returns: {name: [T, *shape]}. Differentiable w.r.t. theta when autograd is on;
     inner gradients come from `torch.func.grad`, which works under `torch.no_grad()`.
@@ -105,8 +111,12 @@ def inner_loop(
     def one_task(theta: Params, x_i: Tensor, y_i: Tensor) -> Params:
         start = {k: p.detach() for k, p in theta.items()} if first_order else theta
         phi, state = dict(start), optimizer.init(start)
-        for _ in range(steps):
-            grads = grad(objective)(phi, start, x_i, y_i)
+        for step in range(steps):
+            xb, yb = x_i, y_i
+            if batch_size is not None and batch_size < x_i.shape[0]:
+                batch = (torch.arange(batch_size, device=x_i.device) + step * batch_size) % x_i.shape[0]
+                xb, yb = x_i[batch], y_i[batch]
+            grads = grad(objective)(phi, start, xb, yb)
             phi, state = optimizer.step(phi, grads, state)
         if first_order:  # theta + (theta_i - theta) with the update held constant: d theta_i / d theta = I
             return {k: theta[k] + (phi[k] - start[k]) for k in phi}
@@ -121,13 +131,18 @@ class InitializationLearner(MetaLearner):
     Always fp32 (`autocast_safe = False`): inner-loop gradients, and MAML's second
     derivatives through them, are not trusted to bf16.
 
-    The head has `ways` outputs, so N is fixed at construction. It starts at
-    zero: every class then has the same logit under theta, the right prior when
-    labels are assigned to classes in random order per task; a random head is
-    label noise the inner loop must first undo (MAML's sensitivity to the label
-    permutation: Ye & Chao, ICLR 2022; the "zeroing trick": Kao et al., ICLR 2022).
-    The first inner step then sets row k of the head to alpha/S (sum of the support
-    features of class k - 1/N sum of all support features): a centred prototype.
+    The head has `ways` outputs, so N is fixed at construction. `head_init` chooses how it starts:
+    - "zeros" (default): every class has the same logit under theta, the right prior when labels are
+      assigned to classes in random order per task (the "zeroing trick", Kao et al. ICLR 2022); the
+      first inner step sets row k to a centred prototype.
+    - "normal": weight ~ N(0, 1), bias 0, as Finn et al.'s reference code (cbfinn/maml, maml.py:
+      `w5 = tf.random_normal(...)`, `b5 = tf.zeros`) and learn2learn's OmniglotCNN.
+    Whether first-order MAML's d theta_i / d theta ~ I holds depends on the features more than on the
+    head: on the max-pooled Conv-4 (|E f|^2 ~ 60) alpha * lambda_max(H_head) is 5.4 at alpha 0.4, I - alpha H
+    has eigenvalues near -4.4, and first-order MAML's head gradient points against second-order MAML's
+    (cosine -0.96 for the bias); on Finn et al.'s strided Conv-4 (|E f|^2 ~ 9) it is 0.8 and the zero head
+    gives the better agreement (cosine 0.5-0.6 over omega; 0.05 with the N(0, 1) head, whose saturated
+    wrong logits make the head-body cross terms large). bench/results/maml_family_diagnostics/.
 
     `inner_optimizer` (default SGD(inner_lr), Finn et al. eq. 1) can be replaced by any
     `metaflowlib.optim.InnerOptimizer` (init/step over parameter dicts), e.g. the
@@ -139,6 +154,9 @@ class InitializationLearner(MetaLearner):
         inner_steps: inner steps during meta-training (`self.training`).
         inner_steps_eval: inner steps at evaluation (`eval()` mode).
         inner_lr: alpha, the inner SGD step size.
+        head_init: "normal" or "zeros" (above).
+        layout: Conv-4's "strided" layout (Finn et al.'s, Nichol et al.'s and Rajeswaran et al.'s Omniglot
+            network; the default) or the "maxpool" one of ProtoNet (models/conv4.py).
         vectorize: "vmap", "loop", or "auto" (vmap on CUDA, loop on CPU).
         chunk_size: tasks per vmap chunk (None: the whole meta-batch); trades speed for memory (MAML and
             FOMAML also backpropagate chunk by chunk, so their meta-step's graph is one chunk's).
@@ -146,6 +164,7 @@ class InitializationLearner(MetaLearner):
 
     autocast_safe = False
     transductive = True  # BatchNorm normalizes with each task's own batch statistics
+    legacy_defaults = {"layout": "maxpool", "head_init": "zeros"}
 
     def __init__(
         self,
@@ -157,6 +176,8 @@ class InitializationLearner(MetaLearner):
         inner_steps: int,
         inner_steps_eval: int,
         inner_lr: float,
+        head_init: HeadInit,
+        layout: Layout,
         vectorize: Vectorize,
         chunk_size: int | None,
         **method_config: Any,
@@ -169,20 +190,25 @@ class InitializationLearner(MetaLearner):
             raise ValueError(f"inner_lr (alpha) must be > 0, got {inner_lr}")
         if vectorize not in VECTORIZE_MODES:
             raise ValueError(f"vectorize must be one of {VECTORIZE_MODES}, got {vectorize!r}")
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be None or >= 1, got {chunk_size}")
         super().__init__(
             ways=ways, in_channels=in_channels, hidden=hidden, image_size=image_size,
-            inner_steps=inner_steps, inner_steps_eval=inner_steps_eval, inner_lr=inner_lr,
-            vectorize=vectorize, chunk_size=chunk_size, **method_config,
+            inner_steps=inner_steps, inner_steps_eval=inner_steps_eval, inner_lr=inner_lr, head_init=head_init,
+            layout=layout, vectorize=vectorize, chunk_size=chunk_size, **method_config,
         )
         self.ways, self.in_channels, self.image_size = ways, in_channels, image_size
         self.inner_steps, self.inner_steps_eval, self.inner_lr = inner_steps, inner_steps_eval, inner_lr
-        self.vectorize, self.chunk_size = vectorize, chunk_size
-        head = nn.Linear(conv4_output_dim(image_size, hidden), ways)
-        nn.init.zeros_(head.weight)
+        self.vectorize, self.chunk_size, self.head_init = vectorize, chunk_size, head_init
+        head = nn.Linear(conv4_output_dim(image_size, hidden, layout=layout), ways)
+        if head_init == "normal":
+            nn.init.normal_(head.weight, std=1.0)
+        else:
+            nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
-        self.net = nn.Sequential(Conv4(in_channels, hidden, composite_bn=True, track_running_stats=False), head)
+        self.net = nn.Sequential(Conv4(in_channels, hidden, composite_bn=True, track_running_stats=False, layout=layout), head)
         self.inner_optimizer: InnerOptimizer = SGD(inner_lr)
 
     @property
@@ -198,12 +224,14 @@ class InitializationLearner(MetaLearner):
         return F.cross_entropy(functional_call(self.net, params, (x,)), y)
 
     def fine_tune(
-        self, theta: Params, x: Tensor, y: Tensor, steps: int, *, first_order: bool, proximal: float = 0.0
+        self, theta: Params, x: Tensor, y: Tensor, steps: int, *, first_order: bool, proximal: float = 0.0,
+        batch_size: int | None = None,
     ) -> Params:
         """`inner_loop` from theta on this method's network, optimizer and vectorization."""
         return inner_loop(
             self.task_loss, theta, self._inputs(x), y, steps=steps, optimizer=self.inner_optimizer,
-            first_order=first_order, proximal=proximal, mode=self._mode(x), chunk_size=self.chunk_size,
+            first_order=first_order, proximal=proximal, batch_size=batch_size, mode=self._mode(x),
+            chunk_size=self.chunk_size,
         )
 
     def predict(self, theta: Params, query_x: Tensor) -> Tensor:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from metaflowlib.episodes import Episode
 from metaflowlib.methods.base import StepStats, accuracy
-from metaflowlib.methods.inner_loop import InitializationLearner, Params, Vectorize
+from metaflowlib.models.conv4 import Layout
+from metaflowlib.methods.inner_loop import HeadInit, InitializationLearner, Params, Vectorize
 
 
 class MAML(InitializationLearner):
@@ -43,13 +45,15 @@ class MAML(InitializationLearner):
         inner_steps_eval: int = 3,
         inner_lr: float = 0.4,
         first_order: bool = False,
+        head_init: HeadInit = "zeros",
+        layout: Layout = "strided",
         vectorize: Vectorize = "auto",
         chunk_size: int | None = None,
     ) -> None:
         super().__init__(
             ways=ways, in_channels=in_channels, hidden=hidden, image_size=image_size,
             inner_steps=inner_steps, inner_steps_eval=inner_steps_eval, inner_lr=inner_lr,
-            vectorize=vectorize, chunk_size=chunk_size, first_order=first_order,
+            head_init=head_init, layout=layout, vectorize=vectorize, chunk_size=chunk_size, first_order=first_order,
         )
         self.first_order = first_order
 
@@ -75,6 +79,31 @@ class MAML(InitializationLearner):
             loss_sum += float(loss.detach()) * weight
             correct += accuracy(logits, part.query_y) * weight
         return StepStats(loss=loss_sum, accuracy=correct)
+
+
+    def diagnostics(self, episode: Episode) -> dict[str, float]:
+        """First-order MAML assumes d theta_i / d theta ~ I: the cosine between its meta-gradient and the
+        second-order one on these tasks, over all of omega and over the head (where it failed once:
+        bench/results/maml_family_diagnostics/). Second-order MAML has nothing to report."""
+        if not self.first_order:
+            return {}
+        first, second = self._meta_grad(episode, first_order=True), self._meta_grad(episode, first_order=False)
+        head = [name for name in first if name.startswith("1.")]
+
+        def cos(names: list[str]) -> float:
+            a, b = torch.cat([first[k].flatten() for k in names]), torch.cat([second[k].flatten() for k in names])
+            return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+        return {"fo_so_cosine": cos(list(first)), "fo_so_cosine_head": cos(head)}
+
+    def _meta_grad(self, episode: Episode, first_order: bool) -> dict[str, Tensor]:
+        saved, self.first_order = self.first_order, first_order
+        try:
+            loss, _ = self.meta_loss(episode)
+        finally:
+            self.first_order = saved
+        names, params = zip(*self.theta().items())
+        return dict(zip(names, torch.autograd.grad(loss, params)))
 
 
 class FOMAML(MAML):
