@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -48,6 +47,7 @@ from metaflowlib.episodes import Episode, EpisodeSampler, TaskPool  # noqa: E402
 from metaflowlib.evaluate import evaluate_setting  # noqa: E402
 from metaflowlib.methods import build_method  # noqa: E402
 from metaflowlib.methods.inner_loop import InitializationLearner, inner_loop  # noqa: E402
+from metaflowlib.io import write_json  # noqa: E402
 from metaflowlib.runtime import device_name  # noqa: E402
 
 Vector = dict[str, Tensor]
@@ -351,10 +351,7 @@ def main() -> None:
         "reptile": reptile_probe(p, kinds["reptile"], episode),
     }
     result["seconds"] = time.perf_counter() - start
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, args.out)
+    write_json(args.out, result)
     f, i, r = result["fomaml"], result["imaml"], result["reptile"]
     print(f"first-order MAML: cos(FO, SO) {json.dumps({k: round(v, 2) for k, v in f['cosine_first_vs_second_order_mean_over_tasks'].items()})}; "
           f"alpha*lambda_max(H_WW) {f['alpha_lambda_max_head_weight']:.2f}; "
