@@ -202,7 +202,7 @@ def maml_training(config: Row, pools: dict[str, TaskPool]) -> Row:
     if library == "ours":
         step = trainer.meta_step
     else:
-        net = peers.load_weights_from(peers.plain_conv4(ways=ways), method.net, pool.examples[:2].cpu()).to(device)
+        net = peers.load_weights_from(peers.plain_conv4(ways=ways, layout=method.net[0].layout), method.net, pool.examples[:2].cpu()).to(device)
         build = peers.higher_maml_step if library == "higher" else peers.torchopt_maml_step
         meta_gradient = build(net, 0.4, config["inner_steps"])
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -243,7 +243,7 @@ def maml_gradient_agreement(inner_steps: int = 1, tasks: int = 2, hidden: int = 
             grads = [p.grad.clone() for p in method.parameters()]
         else:
             try:
-                net = peers.load_weights_from(peers.plain_conv4(hidden=hidden, ways=ways).double(), method.net,
+                net = peers.load_weights_from(peers.plain_conv4(hidden=hidden, ways=ways, layout=method.net[0].layout).double(), method.net,
                                               episode.support_x[0])
                 build = peers.higher_maml_step if name == "higher" else peers.torchopt_maml_step
                 build(net, 0.4, inner_steps)(episode)

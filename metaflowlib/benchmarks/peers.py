@@ -92,17 +92,25 @@ def _allow_sampler_data_source() -> None:
     Sampler.__init__ = accepting  # type: ignore[method-assign]
 
 
-def plain_conv4(in_channels: int = 1, hidden: int = 64, ways: int | None = None) -> nn.Sequential:
-    """Conv-4 as the peers' examples write it (nn.BatchNorm2d without running statistics), with an optional N-way head.
+def plain_conv4(in_channels: int = 1, hidden: int = 64, ways: int | None = None, layout: str = "maxpool") -> nn.Sequential:
+    """Conv-4 as the peers' examples write it (nn.BatchNorm2d without running statistics), with an optional N-way head:
+    max-pooled (ProtoNet's) or strided with features averaged over space (Finn et al.'s, the MAML family's).
 
-    Its parameter names and shapes follow ours in order, so `load_weights_from` copies our initialization.
+    Its parameter names and shapes follow ours in order, so `load_weights_from` copies our initialization
+    (both layouts have the same shapes: pass the layout ours was built with).
     """
     layers: list[nn.Module] = []
     channels = in_channels
     for _ in range(4):
-        layers += [nn.Conv2d(channels, hidden, 3, padding=1), nn.BatchNorm2d(hidden, track_running_stats=False),
-                   nn.ReLU(), nn.MaxPool2d(2)]
+        if layout == "maxpool":
+            layers += [nn.Conv2d(channels, hidden, 3, padding=1), nn.BatchNorm2d(hidden, track_running_stats=False),
+                       nn.ReLU(), nn.MaxPool2d(2)]
+        else:
+            layers += [nn.Conv2d(channels, hidden, 3, stride=2, padding=1),
+                       nn.BatchNorm2d(hidden, track_running_stats=False), nn.ReLU()]
         channels = hidden
+    if layout != "maxpool":
+        layers.append(nn.AdaptiveAvgPool2d(1))
     layers.append(nn.Flatten())
     if ways is not None:
         layers.append(nn.LazyLinear(ways))
