@@ -288,9 +288,9 @@ def test_config_rebuilds_the_architecture(kind: str) -> None:
 def test_head_initializations() -> None:
     """normal: Finn et al.'s N(0, 1) output layer; zeros: every logit equal under theta; bias 0 either way."""
     torch.manual_seed(0)
-    wide = MAML(ways=20, hidden=64, image_size=SIDE)
+    wide = MAML(ways=20, hidden=64, image_size=SIDE, head_init="normal")
     assert wide.net[1].weight.std().item() == pytest.approx(1.0, abs=0.05) and not wide.net[1].bias.any()
-    zeros = MAML(**SMALL, head_init="zeros")
+    zeros = MAML(**SMALL)  # the default
     assert not zeros.net[1].weight.any() and not zeros.net[1].bias.any()
     with pytest.raises(ValueError, match="head_init"):
         MAML(**SMALL, head_init="xavier")
