@@ -39,6 +39,10 @@ def payload(**changes):
     ({"query_images": np.zeros((0, 28, 28), np.uint8)}, "query_images must have shape .* no empty axis"),
     ({"support_images": np.broadcast_to(np.uint8(255), (6, 1025, 28))}, r"support_images too large: \[6, 1025, 28\]"),
     ({"query_images": np.broadcast_to(np.uint8(255), (20000, 120, 120))}, "payload too large: 288004704 pixels"),
+    ({"support_images": np.full((6, 28, 28), -1)}, r"support_images must be uint8 .* got int64 values in \[-1, -1\]"),
+    ({"query_images": np.full((6, 28, 28), 256, np.int16)}, r"got int16 values in \[256, 256\]"),
+    ({"support_images": []}, r"support_images must have shape .* got \[0\]"),  # an empty JSON list is float64 to numpy
+    ({"support_labels": []}, r"support_labels must have shape \[6\]"),
 ])
 def test_malformed_payloads_get_one_clear_error(changes, message):
     with pytest.raises(PayloadError, match=message):
@@ -66,6 +70,14 @@ def test_any_image_size_is_resized_by_the_model():
     big = {k: (np.kron(v, np.ones((1, 2, 2), np.uint8)) if k.endswith("images") else v) for k, v in big.items()}
     out = predict_task(ProtoNet(hidden=8).eval(), big, image_size=28, device=torch.device("cpu"))
     assert out["labels"].shape == (6,)
+
+
+def test_integer_images_within_0_255_are_pixels():
+    """JSON has no uint8: the server hands the model int64 images, which must answer as their uint8 selves."""
+    method, cpu = ProtoNet(hidden=8).eval(), torch.device("cpu")
+    wide = {k: v.astype(np.int64) for k, v in payload().items()}
+    out, expected = predict_task(method, wide, 28, cpu), predict_task(method, payload(), 28, cpu)
+    assert np.array_equal(out["probabilities"], expected["probabilities"])
 
 
 def test_fixed_head_model_refuses_other_numbers_of_classes():

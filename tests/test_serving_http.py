@@ -1,4 +1,5 @@
-"""`mlflow models serve` answers real HTTP requests with the predict contract (a few-shot learner per request)."""
+"""`mlflow models serve` answers real HTTP requests with the predict contract (a few-shot learner per request),
+from a process in which this checkout's metaflowlib cannot be imported: only the copy the model ships can load."""
 
 import json
 import os
@@ -8,13 +9,42 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
-
-from metaflowlib import registry
+import torch
+from conftest import ROOT
 from test_registry import NAME, new_version
 from test_serving import payload
+
+from metaflowlib import registry
+from metaflowlib.errors import PayloadError
+
+# Run at start-up by every Python process of the server (PYTHONPATH): a metaflowlib found in this checkout is
+# refused, any other (the model's code/ copy) is recorded in $SERVED_FROM.
+BLOCKER = '''
+import importlib.abc, os, sys
+
+class NoCheckout(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "metaflowlib":
+            return None
+        for finder in sys.meta_path[sys.meta_path.index(self) + 1:]:
+            spec = finder.find_spec(name, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.origin and spec.origin.startswith(os.environ["CHECKOUT"] + os.sep):
+            raise ImportError(f"metaflowlib of the checkout {spec.origin} is blocked")
+        with open(os.environ["SERVED_FROM"], "a") as log:
+            log.write(spec.origin + "\\n")
+        return spec
+
+sys.meta_path.insert(0, NoCheckout())
+'''
 
 
 def free_port() -> int:
@@ -32,14 +62,41 @@ def post(url: str, body: dict) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
-@pytest.fixture
-def server(tmp_path, mlflow_store):
-    registry.promote(NAME, new_version(tmp_path, 0.9), "acc_5w1s")
+def as_json(task: dict) -> dict:
+    return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in task.items()}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One registered toy ProtoNet in production, in a store for this module, with cwd outside the checkout."""
+    root = tmp_path_factory.mktemp("served")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.chdir(root)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        registry.promote(NAME, new_version(root, 0.9), "acc_5w1s")
+        yield root
+        mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def no_checkout(store):
+    """The environment of a machine with mlflow and torch but not this project."""
+    site = store / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER)
+    return {**os.environ, "PYTHONPATH": str(site), "CHECKOUT": str(ROOT), "SERVED_FROM": str(store / "served_from.txt")}
+
+
+@pytest.fixture(scope="module")
+def server(store, no_checkout):
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@production", "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         "-h", "127.0.0.1", "-p", str(port)], env=no_checkout, cwd=store, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
@@ -49,20 +106,79 @@ def server(tmp_path, mlflow_store):
         except OSError:
             assert process.poll() is None and time.time() < deadline, "the model server did not start"
             time.sleep(0.5)
-    yield base
+    yield f"{base}/invocations"
     process.terminate()
     process.wait(timeout=30)
 
 
-def test_served_model_labels_new_classes_and_refuses_bad_requests(server):
+def test_served_model_labels_new_classes_with_the_code_it_ships(store, no_checkout, server):
     task = payload()
-    status, answer = post(f"{server}/invocations", {"inputs": {k: v.tolist() for k, v in task.items()}})
+    status, answer = post(server, {"inputs": as_json(task)})
     assert status == 200
     local = registry.load_production(NAME).predict(task)  # the same registered omega, in-process
     assert answer["predictions"]["labels"] == local["labels"].tolist()
     assert np.allclose(answer["predictions"]["probabilities"], local["probabilities"], atol=1e-5)
 
-    bad = {k: v.tolist() for k, v in payload(support_labels=np.array([0, 0, 1, 1, 3, 3])).items()}
-    status, answer = post(f"{server}/invocations", {"inputs": bad})
-    assert 400 <= status < 500
-    assert "every class 0..N-1" in answer.get("stack_trace", "") + answer["message"]
+    blocked = subprocess.run([sys.executable, "-c", "import metaflowlib"], check=False, env=no_checkout, cwd=store,
+                             capture_output=True, text=True)
+    assert blocked.returncode != 0 and "is blocked" in blocked.stderr
+    served_from = (store / "served_from.txt").read_text().split()
+    assert served_from and all(Path(p).parts[-3:] == ("code", "metaflowlib", "__init__.py") for p in served_from)
+
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{NAME}@production")).read_text().split()
+    assert f"torch=={torch.__version__.split('+')[0]}" in requirements and not any("metaflowlib" in r for r in requirements)
+
+
+def test_python_predict_gives_the_contracts_message(store):
+    model = registry.load_production(NAME)  # mlflow.pyfunc: no input schema of MLflow's runs first
+    with pytest.raises(PayloadError) as refused:
+        model.predict(payload(support_images=np.zeros((6, 28, 28), np.float32)))
+    assert str(refused.value) == "support_images must be uint8 (0 = ink, 255 = paper), got float32"
+    with pytest.raises(PayloadError, match=r"^payload has unknown keys \['extra'\]"):
+        model.predict(payload(extra=np.zeros(1)))
+
+
+def test_mlflow_models_predict_works_without_the_project(store, no_checkout):
+    (store / "task.json").write_text(json.dumps({"inputs": as_json(payload())}))
+    subprocess.run(
+        [sys.executable, "-m", "mlflow", "models", "predict", "-m", f"models:/{NAME}@production", "--env-manager", "local",
+         "-i", "task.json", "-o", "answer.json", "-t", "json"], env=no_checkout, cwd=store, check=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    answer = json.loads((store / "answer.json").read_text())
+    assert answer["predictions"]["labels"] == registry.load_production(NAME).predict(payload())["labels"].tolist()
+
+
+# each case of metaflowlib.serving.contract, as a new user sends it: refused with the contract's line, nothing cast
+@pytest.mark.parametrize("changes,message", [
+    ({"support_images": np.full((6, 28, 28), 0.5)}, "support_images must be uint8 (0 = ink, 255 = paper), got float64"),
+    ({"query_images": np.full((6, 28, 28), 300)}, "query_images must be uint8 (0 = ink, 255 = paper), got int64 values in [300, 300]"),
+    ({"support_labels": np.arange(6) % 3 + 0.5}, "support_labels must be integers, got float64"),
+    ({"extra": 1}, "payload has unknown keys ['extra']; expected keys ['support_images', 'support_labels', 'query_images']"),
+    ({"query_images": None}, "query_images must have shape [count, height, width] with no empty axis, got []"),
+    ({"query_images": np.zeros((6, 28), np.uint8)}, "query_images must have shape [count, height, width] with no empty axis, got [6, 28]"),
+    ({"support_labels": np.array([0, 0, 1, 1, 3, 3])}, "support_labels must use every class 0..N-1 with N >= 2, got classes [0, 1, 3]"),
+    ({"support_labels": np.arange(5) % 3}, "support_labels must have shape [6] (one per support image), got [5]"),
+    ({"support_images": []}, "support_images must have shape [count, height, width] with no empty axis, got [0]"),
+    ({"support_labels": []}, "support_labels must have shape [6] (one per support image), got [0]"),
+    ({"query_images": np.zeros((20001, 1, 1), np.uint8)}, "query_images too large: [20001, 1, 1] (at most 20000 images of side <= 1024)"),
+    ({"support_images": np.zeros((6, 1, 1025), np.uint8)}, "support_images too large: [6, 1, 1025] (at most 20000 images of side <= 1024)"),
+], ids=["float-images", "images-over-255", "float-labels", "unknown-key", "null", "2d-images", "labels-not-0..N-1",
+        "fewer-labels", "empty-images", "empty-labels", "too-many-images", "too-wide"])
+def test_bad_requests_get_the_contracts_one_line_and_a_400(server, changes, message):
+    status, answer = post(server, {"inputs": as_json(payload(**changes))})
+    assert (status, answer["message"]) == (400, message)
+
+
+def test_missing_keys_and_non_dict_inputs(server):
+    task = as_json(payload())
+    del task["query_images"]
+    status, answer = post(server, {"inputs": task})
+    assert status == 400 and answer["message"].startswith("payload is missing ['query_images']")
+    status, answer = post(server, {"inputs": [[1, 2], [3, 4]]})
+    assert status == 400 and answer["message"] == "payload must be a dict with keys " \
+        "['support_images', 'support_labels', 'query_images'], got ndarray"
+
+
+def test_the_server_still_answers_after_refusals(server):
+    status, answer = post(server, {"inputs": as_json(payload())})
+    assert status == 200 and answer["predictions"]["labels"] == registry.load_production(NAME).predict(payload())["labels"].tolist()

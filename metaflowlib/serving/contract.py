@@ -5,6 +5,8 @@ Payload (a dict of arrays):
 - support_labels: int   [S]        (every class 0..N-1 present)
 - query_images:   uint8 [Q, H', W']
 Returns {"labels": int64 [Q], "probabilities": float32 [Q, N]}.
+JSON has no uint8: images of another integer dtype are taken when every value is in 0..255.
+MLflow checks nothing before these: the served model has no input schema (serving.log.signature).
 """
 
 from __future__ import annotations
@@ -34,14 +36,20 @@ def _array(payload: Mapping[str, Any], name: str) -> np.ndarray:
 
 
 def _images(payload: Mapping[str, Any], name: str) -> np.ndarray:
+    """The field as uint8; shape first, so an empty JSON list (float64 to numpy) is named as empty."""
     array = _array(payload, name)
-    if array.dtype != np.uint8:
-        raise PayloadError(f"{name} must be uint8 (0 = ink, 255 = paper), got {array.dtype}")
     if array.ndim != 3 or 0 in array.shape:
         raise PayloadError(f"{name} must have shape [count, height, width] with no empty axis, got {list(array.shape)}")
     if array.shape[0] > MAX_IMAGES or max(array.shape[1:]) > MAX_SIDE:
         raise PayloadError(f"{name} too large: {list(array.shape)} (at most {MAX_IMAGES} images of side <= {MAX_SIDE})")
-    return array
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype.kind not in "iu":  # floats are refused, never rounded: [0, 1] images would become black
+        raise PayloadError(f"{name} must be uint8 (0 = ink, 255 = paper), got {array.dtype}")
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high > 255:
+        raise PayloadError(f"{name} must be uint8 (0 = ink, 255 = paper), got {array.dtype} values in [{low}, {high}]")
+    return array.astype(np.uint8)
 
 
 def validate_payload(payload: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -58,10 +66,10 @@ def validate_payload(payload: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray
     if support.size + query.size > MAX_PIXELS:
         raise PayloadError(f"payload too large: {support.size + query.size} pixels in support_images + query_images (at most {MAX_PIXELS})")
     labels = _array(payload, "support_labels")
-    if labels.dtype.kind not in "iu":
-        raise PayloadError(f"support_labels must be integers, got {labels.dtype}")
     if labels.ndim != 1 or labels.shape[0] != support.shape[0]:
         raise PayloadError(f"support_labels must have shape [{support.shape[0]}] (one per support image), got {list(labels.shape)}")
+    if labels.dtype.kind not in "iu":  # floats are refused, never truncated
+        raise PayloadError(f"support_labels must be integers, got {labels.dtype}")
     classes = np.unique(labels)
     if classes.size < 2 or not np.array_equal(classes, np.arange(classes.size)):
         raise PayloadError(f"support_labels must use every class 0..N-1 with N >= 2, got classes {classes.tolist()[:20]}")
