@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,30 @@ def load_stage(name: str):
         sys.path.remove(str(ROOT / "pipelines"))
 
 
+def project_files(root: Path = ROOT) -> list[str]:
+    """The files a commit of `root` would hold (tracked, plus untracked ones .gitignore lets through), as paths
+    relative to it, less anything inside a virtual environment: a directory holding pyvenv.cfg, whatever its name
+    (a venv in the checkout made the project copy 1.3 GB and its `dvc exp run` 12 minutes, issue 17)."""
+    listed = subprocess.run(["git", "ls-files", "-coz", "--exclude-standard"], cwd=root, capture_output=True, text=True, check=True)
+    in_venv: dict[Path, bool] = {}  # directory -> whether it or a directory above it (below root) is a venv
+
+    def venv(directory: Path) -> bool:
+        if directory == Path("."):
+            return False
+        if directory not in in_venv:
+            in_venv[directory] = (root / directory / "pyvenv.cfg").is_file() or venv(directory.parent)
+        return in_venv[directory]
+
+    return [f for f in listed.stdout.split("\0") if f and not venv(Path(f).parent) and (root / f).is_file()]
+
+
+def copy_project(dest: Path, files: Iterable[str], root: Path = ROOT) -> None:
+    """Copy `files` (paths relative to `root`, as `project_files` lists them) to the same places under `dest`."""
+    for name in files:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, dest / name)
+
+
 def class_images(classes: int, per_class: int, size: int = 28, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (255 = paper) where each class is a distinct stroke pattern plus noise."""
     rng = np.random.default_rng(seed)
@@ -47,6 +74,44 @@ def class_images(classes: int, per_class: int, size: int = 28, seed: int = 0) ->
             images.append(noisy)
             labels.append(c)
     return np.stack(images), np.asarray(labels)
+
+
+TOY_DIGEST = "toy-fixed-tasks"  # episodes digest of the toy evaluations below: the same fixed tasks unless told
+
+
+def task_accuracies(mean: float, tasks: int = 100, spread: float = 0.1, seed: int = 0) -> list[float]:
+    """`tasks` per-task accuracies averaging exactly `mean`: half the tasks at mean - d, half at mean + d, with
+    d = `spread` narrowed to keep every accuracy in [0, 1], in an order fixed by `seed` (the same seed, the same
+    hard tasks: versions built with it differ task by task by what their means and spreads differ by)."""
+    if tasks % 2:
+        raise ValueError(f"tasks must be even (half below the mean, half above), got {tasks}")
+    d = min(spread, mean, 1 - mean)
+    return np.random.default_rng(seed).permutation(np.repeat([mean - d, mean + d], tasks // 2)).tolist()
+
+
+def register_evaluated(model_uri: str, name: str, accuracies: float | Iterable[float], *, protocol: str = "toy",
+                       digest: str = TOY_DIGEST, setting: str = "5w1s", experiment_id: str | None = None,
+                       tags: dict | None = None, model_description: str = "toy") -> str:
+    """Register `model_uri` as a version of `name` the way evaluate@ and register@ do; returns its number.
+
+    An evaluation run `<name>-evaluate` (tags stage=evaluate@<name>, evaluated_run_id = the run that logged the
+    model) holds the metric acc_<setting> and the artifact evaluation/per_task/<setting>.json; the version is
+    tagged with that mean, `protocol` and evaluation_run_id. `accuracies`: the per-task accuracies, or a target
+    mean that `task_accuracies` turns into 100 of them."""
+    import mlflow
+
+    from metaflowlib import gate, registry
+
+    scores = task_accuracies(accuracies) if isinstance(accuracies, (int, float)) else [float(a) for a in accuracies]
+    mean = float(np.mean(scores))
+    trained = mlflow.get_logged_model(model_uri.removeprefix("models:/")).source_run_id
+    run_tags = {"stage": f"evaluate@{name}", "evaluated_run_id": trained}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{name}-evaluate", tags=run_tags) as run:
+        mlflow.log_metric(f"acc_{setting}", mean)
+        mlflow.log_dict({"setting": setting, "episodes_digest": digest, "task_accuracies": scores},
+                        f"{gate.PER_TASK}/{setting}.json")
+    version_tags = {f"acc_{setting}": mean, "protocol": protocol, gate.EVALUATION_RUN_TAG: run.info.run_id, **(tags or {})}
+    return registry.register(model_uri, name, version_tags, f"acc_{setting} {mean:.4f}", model_description).version
 
 
 @pytest.fixture(scope="module")

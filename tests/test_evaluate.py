@@ -1,16 +1,18 @@
 import math
 
+import pytest
 import torch
 
 from metaflowlib.evaluate import confidence_interval, evaluate_protocol
 from metaflowlib.methods import ProtoNet
 
 
-def test_confidence_interval_formula():
-    accuracies = torch.tensor([0.5, 0.7, 0.9, 1.0])
-    mean, half = confidence_interval(accuracies)
-    assert math.isclose(mean, 0.775, rel_tol=1e-6)
-    assert math.isclose(half, 1.96 * float(accuracies.std()) / 2, rel_tol=1e-6)
+def test_confidence_interval_is_1_96_sample_std_over_sqrt_n():
+    # mean 0.7; deviations -0.3, 0.1, 0.1, 0.1 square to 0.12 in all; sample variance 0.12 / 3 = 0.04, std 0.2;
+    # half-width 1.96 * 0.2 / sqrt(4) = 0.196 (population std would give 0.170, Student t with 3 df 0.318)
+    mean, half = confidence_interval(torch.tensor([0.4, 0.8, 0.8, 0.8]))
+    assert math.isclose(mean, 0.7, rel_tol=1e-6) and math.isclose(half, 0.196, rel_tol=1e-6)
+    assert confidence_interval(torch.tensor([0.6])) == pytest.approx((0.6, 0.0))  # one task: no spread to estimate
 
 
 def test_protocol_reports_every_setting_curve_and_timing(tiny_pool):

@@ -1,9 +1,9 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
-from metaflowlib.episodes import EpisodeSampler
+from metaflowlib.episodes import EpisodeSampler, fixed_episodes
 from metaflowlib.evaluate import embed_pool, evaluate_setting, task_accuracies
-from metaflowlib.episodes import fixed_episodes
 from metaflowlib.methods import ProtoNet
 
 
@@ -63,10 +63,15 @@ def test_cached_features_give_the_same_accuracies_as_raw_images(tiny_pool):
     assert torch.allclose(cached, torch.tensor(raw))
 
 
-def test_evaluate_setting_reports_ci_and_digest(tiny_pool):
+def test_evaluate_setting_scores_the_fixed_tasks_on_the_features_given(tiny_pool):
+    """Features that put a class on one point score every query right, with no spread over tasks; features that are
+    all equal tie every distance, argmax picks class 0, and exactly the 3 of 15 queries of class 0 count."""
     method = ProtoNet(hidden=8).eval()
-    features = embed_pool(method, tiny_pool, None)
-    result = evaluate_setting(method, tiny_pool, features, 5, 1, 3, 40, 0, 16, None)
-    assert 0 <= result.accuracy <= 1 and result.ci95 > 0 and len(result.digest) == 64
-    again = evaluate_setting(method, tiny_pool, features, 5, 1, 3, 40, 0, 16, None)
-    assert again == result
+    labels = torch.repeat_interleave(torch.arange(tiny_pool.num_classes), tiny_pool.counts)  # the pool is class-sorted
+    separable = tiny_pool.with_examples(10 * F.one_hot(labels).float())
+    result = evaluate_setting(method, tiny_pool, separable, 5, 1, 3, 40, 0, 16, None)
+    assert (result.accuracy, result.ci95, result.episodes) == (1.0, 0.0, 40)
+    assert result.digest == fixed_episodes(tiny_pool, 40, 5, 1, 3, 0).digest()
+    blind = evaluate_setting(method, tiny_pool, tiny_pool.with_examples(torch.zeros(len(labels), 4)), 5, 1, 3, 40, 0, 16, None)
+    assert blind.accuracy == pytest.approx(3 / 15) and blind.ci95 == pytest.approx(0.0, abs=1e-7)
+    assert blind.digest == result.digest
