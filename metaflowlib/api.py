@@ -133,12 +133,15 @@ def evaluations(name: str, version: str | int | None = None, tracking_uri: str |
 
 
 def promote(name: str, version: str | int, gate_metric: str | None = None, force: bool = False,
-            tracking_uri: str | None = None) -> str:
-    """`metaflowlib promote`: move production behind the gate (default metric: params' registry.gate_metric default)."""
+            tracking_uri: str | None = None, confidence: float | None = None) -> str:
+    """`metaflowlib promote`: move production behind the gate (defaults: params' registry.gate_metric and
+    registry.confidence defaults)."""
     from metaflowlib.config import RegistryParams
 
     use_store(tracking_uri)
-    return registry.promote(name, version, gate_metric or RegistryParams().gate_metric, force=force)
+    defaults = RegistryParams()
+    return registry.promote(name, version, gate_metric or defaults.gate_metric, force=force,
+                            confidence=confidence or defaults.confidence)
 
 
 def rollback(name: str, tracking_uri: str | None = None) -> str:

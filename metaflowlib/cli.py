@@ -118,7 +118,8 @@ def cmd_promote(args: argparse.Namespace) -> None:
     from metaflowlib import registry
 
     params = _configure(args)
-    print(registry.promote(args.name, args.version, args.metric or params.registry.gate_metric, force=args.force))
+    print(registry.promote(args.name, args.version, args.metric or params.registry.gate_metric, force=args.force,
+                           confidence=params.registry.confidence))
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:

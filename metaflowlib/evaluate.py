@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor
@@ -33,9 +33,13 @@ class SettingResult:
     accuracy: float
     ci95: float
     digest: str
+    task_accuracies: tuple[float, ...] = field(repr=False, compare=False)  # per fixed task, in order: for paired tests
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The summary (the per-task accuracies are stored apart: a thousand numbers per setting)."""
+        out = asdict(self)
+        del out["task_accuracies"]
+        return out
 
 
 def confidence_interval(accuracies: Tensor) -> tuple[float, float]:
@@ -76,7 +80,7 @@ def evaluate_setting(
     indices = fixed_episodes(pool, episodes, ways, shots, queries, seed)
     accuracies = task_accuracies(method, features or pool, indices, batch_tasks, dtype)
     mean, ci = confidence_interval(accuracies)
-    return SettingResult(ways, shots, queries, episodes, mean, ci, indices.digest())
+    return SettingResult(ways, shots, queries, episodes, mean, ci, indices.digest(), tuple(accuracies.tolist()))
 
 
 def adaptation_seconds(method: MetaLearner, pool: TaskPool, ways: int, shots: int, tasks: int, seed: int, dtype: torch.dtype | None) -> float:
@@ -109,7 +113,8 @@ def evaluate_protocol(
     seed: int, batch_tasks: int = 50, dtype: torch.dtype | None = None, shots_curve: tuple[int, ...] = (),
     curve_ways: int = 5, timing_tasks: int = 100,
 ) -> dict:
-    """Scores for each setting, the accuracy-vs-shots curve, and per-task adaptation time.
+    """Scores for each setting (and each one's per-task accuracies), the accuracy-vs-shots curve, and per-task
+    adaptation time.
 
     A method with a fixed N-way head is scored on the N-way settings only (the
     others are listed under `skipped_settings`), and its shots curve is N-way.
@@ -136,6 +141,7 @@ def evaluate_protocol(
     first_ways, first_shots = next(iter(usable.values()))
     return {
         "settings": {k: v.as_dict() for k, v in results.items()},
+        "task_accuracies": {k: list(v.task_accuracies) for k, v in results.items()},
         "skipped_settings": sorted(set(settings) - set(usable)),
         "shots_curve": {str(k): v.as_dict() for k, v in curve.items()},
         "adaptation_seconds_per_task": adaptation_seconds(method, pool, first_ways, first_shots, timing_tasks, seed, dtype),

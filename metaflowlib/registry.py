@@ -1,8 +1,9 @@
 """The registry of meta-knowledge: register, list, promote behind the evaluation gate, roll back, load.
 
-The alias `production` moves only when the candidate's recorded evaluation
-beats the current production version on the same protocol (or `force`), and
-only after the candidate's artifacts load and answer a predict call. The
+The alias `production` moves only when the candidate beats the current
+production version on the same protocol by the gate's paired test
+(`metaflowlib.gate`; or `force`), and only after the candidate's artifacts
+load and answer a predict call. The
 previous production versions are kept in the registered model's
 `production_history` tag, so `rollback` is one command.
 
@@ -31,6 +32,7 @@ from metaflowlib.io import file_lock
 ALIAS = "production"
 HISTORY_TAG = "production_history"
 GATE_TAG = "gate_metric"  # a version tag naming the metric that version is gated on, when not the params' one
+DEFAULT_CONFIDENCE = 0.95  # params registry.confidence: the promotion gate's interval
 LOCK_SECONDS = 300.0  # a promote's load check takes seconds; a lock held longer means something is stuck
 
 
@@ -252,36 +254,43 @@ def _move_production(name: str, expected: VersionInfo | None, version: str, hist
         client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
 
 
-def promote(name: str, version: str | int, gate_metric: str, force: bool = False) -> str:
-    """Move `production` to `version` if it beats the current one on `gate_metric`; returns what was done."""
+def promote(name: str, version: str | int, gate_metric: str, force: bool = False, confidence: float = DEFAULT_CONFIDENCE) -> str:
+    """Move `production` to `version` if the gate (metaflowlib.gate) says it beats the current one on `gate_metric`;
+    returns what was done."""
     with _exclusive():
-        return _promote(name, version, gate_metric, force)
+        return _promote(name, version, gate_metric, force, confidence)
 
 
-def _promote(name: str, version: str | int, gate_metric: str, force: bool) -> str:
+def _promote(name: str, version: str | int, gate_metric: str, force: bool, confidence: float = DEFAULT_CONFIDENCE) -> str:
+    from metaflowlib import gate
+
     candidate = get_version(name, version)
     gate_metric = gate_metric_of(candidate, gate_metric)
     current = get_alias(name)
     if current is not None and current.version == candidate.version:
         return f"{name} version {candidate.version} is already {ALIAS}"
-    new_value = candidate.metric(gate_metric)
-    if current is not None and not force:
-        if candidate.tags.get("protocol") != current.tags.get("protocol"):
+    decision = None
+    if current is not None:
+        if not force and candidate.tags.get("protocol") != current.tags.get("protocol"):
             raise RegistryError(
                 f"refusing to promote {name} v{candidate.version}: protocol {candidate.tags.get('protocol')!r} "
                 f"differs from production v{current.version}'s {current.tags.get('protocol')!r} (use --force)"
             )
-        old_value = current.metric(gate_metric)
-        if new_value is None or (old_value is not None and new_value <= old_value):
-            raise RegistryError(
-                f"refusing to promote {name} v{candidate.version}: {gate_metric} {_fmt(new_value)} does not beat "
-                f"production v{current.version}'s {_fmt(old_value)} (use --force to override)"
-            )
+        try:
+            decision = gate.decide(*(gate.evidence(v.version, v.run_id, v.tags.get(gate.EVALUATION_RUN_TAG), gate_metric)
+                                     for v in (candidate, current)), gate_metric, confidence)
+        except RegistryError as error:
+            if not force:
+                raise RegistryError(f"refusing to promote {name} v{candidate.version}: {error} (use --force to override)") from None
+            decision = gate.Decision(False, f"gate not applied: {error}")
+        if not decision.better and not force:
+            raise RegistryError(f"refusing to promote {name} v{candidate.version}: {decision.message} (use --force to override)")
     smoke_test(name, candidate.version)
     _move_production(name, current, candidate.version, _history(name) + ([current.version] if current else []))
-    before = f"v{current.version} ({gate_metric} {_fmt(current.metric(gate_metric))})" if current else "none"
-    forced = " (forced)" if force and current is not None else ""
-    return f"promoted {name} v{candidate.version} ({gate_metric} {_fmt(new_value)}) to {ALIAS}{forced}; previous: {before}"
+    if decision is None:
+        return f"promoted {name} v{candidate.version} to {ALIAS}; there was no production version"
+    forced = " (forced)" if force and not decision.better else ""
+    return f"promoted {name} v{candidate.version} to {ALIAS}{forced}; {decision.message}"
 
 
 def promote_if_none(name: str, version: str | int, gate_metric: str) -> str | None:
@@ -337,6 +346,3 @@ def load_production(name: str):
     require_production(name)
     return mlflow.pyfunc.load_model(f"models:/{name}@{ALIAS}")
 
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"

@@ -8,12 +8,12 @@ import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from metaflowlib.errors import MetaflowError
-from metaflowlib.runtime import device_name
+
+if TYPE_CHECKING:  # torch is imported where a run's device is described, not by every stage that tags a run
+    import torch
 
 QUIET_ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -43,7 +43,7 @@ def configure(tracking_uri: str) -> str:
     import mlflow
 
     quiet_environment()
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri
+    uri = resolve_store(os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri)
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -53,6 +53,35 @@ def configure(tracking_uri: str) -> str:
         with file_lock(f"{Path(uri.removeprefix('sqlite:///')).expanduser()}.init.lock", timeout=300):
             mlflow.MlflowClient().search_experiments(max_results=1)
     return uri
+
+
+def store_root() -> Path:
+    """The folder a relative local store and artifact location belong to: the DVC repository running the stage.
+
+    `dvc exp run --temp` and `--queue` run stages in a temporary copy that is deleted afterwards; DVC passes the
+    parent repository as DVC_ROOT, so their runs and registry versions land in the same store as `dvc repro`'s.
+    Outside DVC: the working directory.
+    """
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd())
+
+
+def resolve_store(uri: str) -> str:
+    """`sqlite:///mlflow.db` -> an absolute path under `store_root()`; other URIs unchanged."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri.startswith(prefix + "/"):
+        return uri
+    return prefix + str((store_root() / Path(uri.removeprefix(prefix)).expanduser()).resolve())
+
+
+def run_tags() -> dict[str, str]:
+    """Tags every run gets: the DVC experiment that produced it, so a row of `dvc exp show` leads to its runs
+    (`tags.dvc_exp_name = '<name>'`) and a run back to its row."""
+    tags = {}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        tags["dvc_exp_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
+    return tags
 
 
 def check_reachable(uri: str) -> None:
@@ -67,23 +96,48 @@ def check_reachable(uri: str) -> None:
             raise MetaflowError(f"cannot reach the MLflow tracking server at {uri}: {error}") from None
 
 
+# The MLflow UI's experiment kind (mlflow/server/js/build: `mlflow.experimentKind`, "custom_model_development" shows
+# as "Machine learning"). MLflow 3.17's UI picks the kind from its workflow toggle instead (see `ui_link`); the tag
+# tells earlier MLflow 3 UIs and any client reading it that this is classic model training, not a GenAI app.
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def experiment_id(name: str, artifact_location: str) -> str:
-    """The experiment's id, created with artifacts under the project for local stores."""
+    """The experiment's id, created with artifacts under the project for local stores; it carries the kind tag
+    (added to an existing experiment without one, kept if someone chose another kind)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        if KIND_TAG not in experiment.tags:
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, KIND_TAG, KIND)
         return experiment.experiment_id
     location = None
     if not mlflow.get_tracking_uri().startswith(("http://", "https://")):
         location = Path(artifact_location).resolve().as_uri()
     try:
-        return mlflow.create_experiment(name, artifact_location=location)
+        return mlflow.create_experiment(name, artifact_location=location, tags={KIND_TAG: KIND})
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-        return mlflow.get_experiment_by_name(name).experiment_id  # another process created it just now
+        return mlflow.get_experiment_by_name(name).experiment_id  # another process created it just now, tag included
+
+
+def ui_link(experiment: str, base: str | None = None) -> str:
+    """The MLflow UI's runs table of an experiment. MLflow 3.17 opens an experiment on its GenAI overview (traces,
+    token usage) whatever its kind tag says: the UI's workflow toggle, remembered per browser, defaults to GenAI,
+    and only `workflowType=machine_learning` in the URL switches it (mlflow/server/js/build, hash routes).
+
+    `base` is the UI's address: by default the tracking server itself, or for a local store `mlflow ui`'s
+    http://127.0.0.1:5000.
+    """
+    import mlflow
+
+    if base is None:
+        uri = mlflow.get_tracking_uri()
+        base = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base.rstrip('/')}/#/experiments/{experiment}/runs?workflowType=machine_learning"
 
 
 def git_commit() -> str:
@@ -95,6 +149,10 @@ def git_commit() -> str:
 
 def system_tags(device: torch.device) -> dict[str, str]:
     """Where a run ran: `device_name` is the GPU's name on CUDA, so `cpu_name` is recorded beside it."""
+    import torch
+
+    from metaflowlib.runtime import device_name
+
     return {
         "device": device.type,
         "device_name": device_name(device),
@@ -105,30 +163,43 @@ def system_tags(device: torch.device) -> dict[str, str]:
     }
 
 
-def replace_child_runs(parent_run_id: str, stage: str, children: dict[str, tuple[dict[str, str], dict[str, float]]]) -> dict[str, str]:
-    """One nested run per `children` entry (run name -> (tags, metrics)) under the parent, tagged `stage`; returns
-    run name -> run id.
+SUPERSEDED = "superseded_by"  # tag on a run a later run of the same stage replaced, naming the later run
 
-    The children an earlier run of `stage` left under this parent are deleted once the new set is logged, so a
-    rerun replaces the set (as it replaces the parent's metrics) instead of piling up a second one beside it; deleted
-    runs stay restorable until `mlflow gc`. Other stages' children of the parent are left alone.
+
+def log_child_runs(parent_run_id: str, stage: str, children: dict[str, tuple[dict[str, str], dict[str, float]]]) -> dict[str, str]:
+    """One nested run per `children` entry (run name -> (tags, metrics)) under the parent, tagged `stage`; returns
+    run name -> run id."""
+    import mlflow
+
+    experiment = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id
+    created = {}
+    for name, (tags, metrics) in children.items():
+        with mlflow.start_run(experiment_id=experiment, run_name=name, parent_run_id=parent_run_id, nested=True,
+                              tags={**run_tags(), **tags, "stage": stage}) as run:
+            mlflow.log_metrics(metrics)
+        created[name] = run.info.run_id
+    return created
+
+
+def supersede(run_id: str, same: dict[str, str]) -> list[str]:
+    """Tag every earlier top-level run that shares `same` tags with `run_id`, and its nested runs, `superseded_by=<run_id>`.
+
+    A rerun keeps its predecessors as history instead of deleting them; a search for the current result adds
+    a check that the run has no `superseded_by` tag. Returns the runs tagged now.
     """
     import mlflow
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     client = mlflow.MlflowClient()
-    experiment = client.get_run(parent_run_id).info.experiment_id
-    query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' and tags.stage = '{stage}'"
-    previous = [run.info.run_id for run in client.search_runs([experiment], query)]
-    created = {}
-    for name, (tags, metrics) in children.items():
-        with mlflow.start_run(experiment_id=experiment, run_name=name, parent_run_id=parent_run_id, nested=True,
-                              tags={**tags, "stage": stage}) as run:
-            mlflow.log_metrics(metrics)
-        created[name] = run.info.run_id
-    for run_id in previous:
-        client.delete_run(run_id)
-    return created
+    experiment = client.get_run(run_id).info.experiment_id
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in same.items())
+    earlier = [r.info.run_id for r in client.search_runs([experiment], query)
+               if r.info.run_id != run_id and SUPERSEDED not in r.data.tags and MLFLOW_PARENT_RUN_ID not in r.data.tags]
+    for parent in list(earlier):
+        earlier += [r.info.run_id for r in client.search_runs([experiment], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}'")]
+    for earlier_id in earlier:
+        client.set_tag(earlier_id, SUPERSEDED, run_id)
+    return earlier
 
 
 def flatten_params(data: Any, prefix: str = "") -> dict[str, str]:
@@ -156,3 +227,13 @@ class MetricLogger:
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def start_run(experiment: str, artifact_location: str, run_name: str, tags: dict[str, str], **kwargs: Any):
+    """The one way a stage opens an MLflow run: in `experiment` (created with its artifacts under `store_root()`
+    when new), tagged with `run_tags()`; a context manager yielding the run, as `mlflow.start_run`."""
+    import mlflow
+
+    location = str(store_root() / artifact_location)
+    return mlflow.start_run(experiment_id=experiment_id(experiment, location), run_name=run_name,
+                            tags={**run_tags(), **tags}, **kwargs)

@@ -1,10 +1,14 @@
-"""Stage `evaluate@<method>`: the evaluation protocol on the test split, as DVC metrics and in the training run.
+"""Stage `evaluate@<method>`: the evaluation protocol on the test split, as DVC metrics and an MLflow run of its own.
 
 Outputs: metrics/<key>/eval.json (DVC metrics), metrics/<key>/shots_curve.csv
-(DVC plot), runs/<key>/evaluate.json (what was logged where). In MLflow, every
-metric goes into the training run, and each configuration scored (setting or
-shots-curve point) gets a nested run `evaluate/<ways>w<shots>s` under it; a rerun
-replaces those nested runs.
+(DVC plot), runs/<key>/evaluate.json (what was logged where). In MLflow the
+training run is never written to: the evaluation is a run `<key>-evaluate`
+(tag `evaluated_run_id` names the training run) holding every metric, the
+report and each setting's per-task accuracies (`evaluation/per_task/<setting>.json`,
+what the promotion gate pairs), with a nested run `evaluate/<ways>w<shots>s` per
+configuration scored. The accuracies are also logged to the trained model
+(`model_id`), so the logged model and its registered versions show them. A
+rerun keeps the earlier evaluation runs, tagged `superseded_by=<new run>`.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from _stage import PREPARED, ROOT, method_key, params, run_guarded
 
 from metaflowlib import tracking
 from metaflowlib.artifacts import load_meta_knowledge
-from metaflowlib.data.store import load_pool
+from metaflowlib.data.store import load_pool, log_splits
 from metaflowlib.evaluate import evaluate_protocol
 from metaflowlib.io import atomic_path, read_json, write_json
 from metaflowlib.runtime import resolve_device, resolve_precision, seed_everything
@@ -37,7 +41,8 @@ def flat_metrics(report: dict, train: dict) -> dict[str, float]:
     return out
 
 
-PARENT_ONLY_TAGS = ("mlflow.", "evaluated", "episodes_digest_")  # MLflow's own, and what this stage sets on the parent
+INHERITED_TAGS = ("method", "method_key", "profile", "dataset", "data_digest", "git_commit")  # from the training run: searchable together
+PER_TASK = "evaluation/per_task"
 
 
 def configurations(report: dict) -> dict[str, dict]:
@@ -51,12 +56,11 @@ def configurations(report: dict) -> dict[str, dict]:
     return out
 
 
-def child_runs(report: dict, parent_tags: dict[str, str], system: dict[str, str]) -> dict[str, tuple[dict[str, str], dict[str, float]]]:
-    """Run name -> (tags, metrics) of the nested run per configuration: the training run's tags (so a search by method,
-    profile or data digest finds them), where this stage ran, and which tasks were scored."""
-    inherited = {k: v for k, v in parent_tags.items() if not k.startswith(PARENT_ONLY_TAGS)}
+def child_runs(report: dict, tags: dict[str, str]) -> dict[str, tuple[dict[str, str], dict[str, float]]]:
+    """Run name -> (tags, metrics) of the nested run per configuration: the evaluation run's tags (so a search by
+    method, profile or data digest finds them) and which tasks were scored."""
     return {
-        f"evaluate/{name}": ({**inherited, **system, "setting": name, "ways": str(r["ways"]), "shots": str(r["shots"]),
+        f"evaluate/{name}": ({**tags, "setting": name, "ways": str(r["ways"]), "shots": str(r["shots"]),
                               "queries": str(r["queries"]), "episodes": str(r["episodes"]), "episodes_digest": r["digest"]},
                              {"accuracy": r["accuracy"], "ci95": r["ci95"]})
         for name, r in configurations(report).items()
@@ -78,16 +82,27 @@ def main() -> None:
         method, pool, p.settings(), episodes=e.episodes, queries=e.queries, seed=e.seed, batch_tasks=e.batch_tasks,
         dtype=dtype, shots_curve=e.shots_curve, timing_tasks=e.timing_tasks,
     )
+    per_task = report.pop("task_accuracies")
     metrics = flat_metrics(report, train)
     digests = {name: r["digest"] for name, r in report["settings"].items()}
 
     tracking.configure(p.mlflow.tracking_uri)
-    with mlflow.start_run(run_id=train["run_id"]) as run:
+    training = mlflow.get_run(train["run_id"])
+    model_id = train["model_uri"].removeprefix("models:/")
+    tags = ({k: training.data.tags[k] for k in INHERITED_TAGS if k in training.data.tags}
+            | {"stage": f"evaluate@{key}", "evaluated_run_id": train["run_id"], "evaluated_model_id": model_id}
+            | {f"episodes_digest_{name}": d[:16] for name, d in digests.items()} | tracking.system_tags(device))
+    with tracking.start_run(p.experiment, p.mlflow.artifact_location, f"{key}-evaluate", tags) as run:
+        mlflow.log_params(tracking.flatten_params({"evaluate": e.model_dump(mode="json"), "precision": p.train.precision}))
+        log_splits(PREPARED, {"test": "testing"})
         mlflow.log_metrics(metrics)
-        mlflow.set_tags({f"episodes_digest_{name}": d[:16] for name, d in digests.items()} | {"evaluated": "true"})
+        mlflow.log_metrics({k: v for k, v in metrics.items() if k.startswith(("acc_", "ci95_"))}, model_id=model_id)
         mlflow.log_dict(report, "evaluation/report.json")
-    children = tracking.replace_child_runs(train["run_id"], f"evaluate@{key}",
-                                           child_runs(report, run.data.tags, tracking.system_tags(device)))
+        for name, accuracies in per_task.items():
+            mlflow.log_dict({"setting": name, "episodes_digest": digests[name], "task_accuracies": accuracies},
+                            f"{PER_TASK}/{name}.json")
+        children = tracking.log_child_runs(run.info.run_id, f"evaluate@{key}", child_runs(report, tags))
+    superseded = tracking.supersede(run.info.run_id, {"stage": f"evaluate@{key}", "evaluated_run_id": train["run_id"]})
 
     write_json(ROOT / "metrics" / key / "eval.json", {**metrics, "episodes": e.episodes, "episodes_digest": digests})
     with atomic_path(ROOT / "metrics" / key / "shots_curve.csv") as tmp, open(tmp, "w", newline="") as handle:
@@ -95,12 +110,13 @@ def main() -> None:
         writer.writerow(["shots", "accuracy", "ci95"])
         for shots, result in report["shots_curve"].items():
             writer.writerow([shots, result["accuracy"], result["ci95"]])
-    write_json(ROOT / "runs" / key / "evaluate.json", {"run_id": train["run_id"], "child_runs": children, "episodes_digest": digests,
-                                                       "skipped_settings": report["skipped_settings"]})
+    write_json(ROOT / "runs" / key / "evaluate.json", {"run_id": run.info.run_id, "evaluated_run_id": train["run_id"],
+                                                       "child_runs": children, "superseded": superseded,
+                                                       "episodes_digest": digests, "skipped_settings": report["skipped_settings"]})
     shown = "  ".join(f"{n} {100 * r['accuracy']:.2f}±{100 * r['ci95']:.2f}" for n, r in report["settings"].items())
     skipped = f"; skipped {', '.join(report['skipped_settings'])} (fixed {method.fixed_ways}-way head)" if report["skipped_settings"] else ""
-    print(f"evaluate@{key}: {shown} (%, {e.episodes} tasks each){skipped}; metrics/{key}/eval.json, MLflow run {train['run_id']} "
-          f"and {len(children)} nested runs")
+    print(f"evaluate@{key}: {shown} (%, {e.episodes} tasks each){skipped}; metrics/{key}/eval.json, MLflow run {run.info.run_id} "
+          f"with {len(children)} nested runs" + (f" ({len(superseded)} earlier runs tagged superseded_by)" if superseded else ""))
 
 
 if __name__ == "__main__":

@@ -18,10 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from _stage import PREPARED, ROOT, params, run_guarded
+from production import LEARNED, recorded
 
-from metaflowlib import registry, tracking
+from metaflowlib import tracking
 from metaflowlib.config import Params
-from metaflowlib.errors import RegistryError
 from metaflowlib.io import atomic_path, write_json
 from metaflowlib.optim.benchmark import compare, evaluation_report, tune_lr
 from metaflowlib.optim.functional import SGD, Adam
@@ -36,15 +36,6 @@ RUN_FILE = Path("runs") / "learned_optimizer" / "evaluate.json"
 ADAM_DEFAULT_LR = 1e-3  # Kingma & Ba's default
 
 
-def production(p: Params) -> registry.VersionInfo:
-    name = p.registered_name(p.optimizer.name)
-    try:
-        return registry.require_production(name)
-    except RegistryError as error:
-        raise RegistryError(f"{error}. optimizer_eval evaluates the production learned optimizer: "
-                            "`dvc repro optimizer_train` registers one and promotes it when none is in production") from None
-
-
 def evaluate_production(p: Params, root: Path, pools: dict[str, ImagePool],
                         progress: Callable[[str], None] = print) -> dict:
     """Tune the baselines, run every optimizer on every suite, write and log the report; returns eval.json's content."""
@@ -56,8 +47,9 @@ def evaluate_production(p: Params, root: Path, pools: dict[str, ImagePool],
     device = resolve_device(p.device)
     seed_everything(op.seed)
     tracking.configure(p.mlflow.tracking_uri)
-    info = production(p)
-    net = load_registered(f"models:/{info.name}/{info.version}").to(device)
+    info = recorded(p, root, "optimizer")[LEARNED]
+    name, version = info["name"], info["version"]
+    net = load_registered(info["uri"]).to(device)
 
     tuning = tuning_tasks(op, pools, device)
     factor = op.meta_train.divergence_factor
@@ -74,11 +66,11 @@ def evaluate_production(p: Params, root: Path, pools: dict[str, ImagePool],
     groups = {"seen": seen, "unseen": [s for s in suites if s not in seen]}
     report = evaluation_report(runs, horizon, sorted(e.horizons), groups)
     chosen = {"adam_default": ADAM_DEFAULT_LR, "adam_tuned": adam_lr, "sgd_momentum": sgd_lr}
-    context = {"model": info.name, "version": info.version, "model_run_id": info.run_id, "horizon": horizon,
+    context = {"model": name, "version": version, "model_run_id": info["run_id"], "horizon": horizon,
                "multiples": sorted(e.horizons), "tasks_per_suite": e.tasks, "lr": chosen, "momentum": e.momentum,
                "tuning": {"tasks": len(tuning), "adam": _keyed(adam_scores), "sgd_momentum": _keyed(sgd_scores)}}
     report |= context
-    header = [(f"Evaluated **{info.name} v{info.version}** (MLflow run {info.run_id}). Meta-training horizon "
+    header = [(f"Evaluated **{name} v{version}** (MLflow run {info['run_id']}). Meta-training horizon "
               f"H = {horizon} optimizee steps; {e.tasks} held-out tasks per suite; mean ± std over tasks of the full "
               f"training loss and the test accuracy at each multiple of H. Adam default lr {ADAM_DEFAULT_LR:g}; "
               f"tuned on {len(tuning)} separate tasks at H: Adam lr {adam_lr:g}, SGD momentum {e.momentum:g} lr "
@@ -92,10 +84,9 @@ def evaluate_production(p: Params, root: Path, pools: dict[str, ImagePool],
     with atomic_path(root / REPORTS / "summary.md") as tmp:
         tmp.write_text(page)
     plot(report, horizon, root / REPORTS / "curves.png")
-    experiment = tracking.experiment_id(p.experiment, str(root / p.mlflow.artifact_location))
-    tags = {"stage": "optimizer_eval", "evaluated_model": info.name, "evaluated_version": info.version,
-            "evaluated_run_id": info.run_id, **tracking.system_tags(device)}
-    with mlflow.start_run(experiment_id=experiment, run_name="optimizer_eval", tags=tags) as run:
+    tags = {"stage": "optimizer_eval", "evaluated_model": name, "evaluated_version": version,
+            "evaluated_run_id": info["run_id"], **tracking.system_tags(device)}
+    with tracking.start_run(p.experiment, p.mlflow.artifact_location, run_name="optimizer_eval", tags=tags) as run:
         mlflow.log_params(tracking.flatten_params({"evaluate": e.model_dump(mode="json"), "lr": chosen}))
         mlflow.log_metrics({k: float(v) for k, v in flat_metrics(report).items()})
         for path in ("report.json", "curves.csv"):
@@ -104,7 +95,7 @@ def evaluate_production(p: Params, root: Path, pools: dict[str, ImagePool],
             mlflow.log_artifact(str(root / REPORTS / path), "evaluation")
     metrics = without_curves(report) | {"eval_run_id": run.info.run_id}
     write_json(root / METRICS / "eval.json", metrics)
-    write_json(root / RUN_FILE, {"run_id": run.info.run_id, "model": info.name, "version": info.version})
+    write_json(root / RUN_FILE, {"run_id": run.info.run_id, "model": name, "version": version})
     return metrics
 
 

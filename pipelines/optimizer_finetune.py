@@ -4,8 +4,10 @@ For each method in `optimizer.finetune.methods` (production versions), the
 same fixed test tasks are adapted on their support sets by the model's own
 inner-loop SGD (alpha and steps as trained) and by the learned LSTM optimizer
 (the same number of steps, then `finetune.learned_steps`); the query accuracy
-of each is compared. Outputs: metrics/learned_optimizer/finetune.json (DVC
-metrics) and an MLflow run tagged with every model version it used.
+of each is compared. Reads the versions `production_finetune` recorded
+(production/finetune.json). Outputs: metrics/learned_optimizer/finetune.json
+(DVC metrics), runs/learned_optimizer/finetune.json (the MLflow run, tagged
+with every model version it used).
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ from __future__ import annotations
 import time
 
 from _stage import PREPARED, ROOT, params, run_guarded
-from optimizer_eval import production
+from production import LEARNED, recorded
 
-
-from metaflowlib import registry, tracking
+from metaflowlib import tracking
 from metaflowlib.data.store import load_pool
 from metaflowlib.episodes import fixed_episodes
 from metaflowlib.errors import ConfigError
@@ -43,16 +44,16 @@ def main() -> None:
     device = resolve_device(p.device)
     seed_everything(p.seed)
     tracking.configure(p.mlflow.tracking_uri)
-    optimizer_version = production(p)
-    net = load_registered(f"models:/{optimizer_version.name}/{optimizer_version.version}").to(device).eval()
+    references = recorded(p, ROOT, "finetune")
+    optimizer = references[LEARNED]
+    net = load_registered(optimizer["uri"]).to(device).eval()
     pool = load_pool(PREPARED, "test", p.data.image_size, device)
     ways, shots = p.settings_of(f.setting)
-    report = {"optimizer": {"name": optimizer_version.name, "version": optimizer_version.version}, "setting": f.setting,
+    report = {"optimizer": {"name": optimizer["name"], "version": optimizer["version"]}, "setting": f.setting,
               "tasks": f.tasks, "methods": {}}
     for key in f.methods:
-        name = p.registered_name(key)
-        version = registry.require_production(name)
-        method = unwrap_registered(f"models:/{name}/{version.version}", FewShotModel, "a few-shot meta-model").method.to(device).eval()
+        model = references[key]
+        method = unwrap_registered(model["uri"], FewShotModel, "a few-shot meta-model").method.to(device).eval()
         if not hasattr(method, "inner_optimizer"):
             raise ConfigError(f"optimizer.finetune.methods: {key} ({method.kind}) has no inner loop to drive")
         indices = fixed_episodes(pool, f.tasks, ways, shots, p.evaluate.queries, p.evaluate.seed)
@@ -62,19 +63,19 @@ def main() -> None:
         for learned_steps in sorted({steps, f.learned_steps}):
             method.inner_steps_eval = learned_steps
             rows[f"learned_{learned_steps}_steps"] = score(method, pool, indices)
-        report["methods"][key] = {"model": {"name": name, "version": version.version}, "inner_lr": method.config()["inner_lr"],
+        report["methods"][key] = {"model": {"name": model["name"], "version": model["version"]}, "inner_lr": method.config()["inner_lr"],
                                   "results": rows}
         print(f"optimizer_finetune {key}: " + "  ".join(f"{k} {100 * v['accuracy']:.2f}" for k, v in rows.items()), flush=True)
-    experiment = tracking.experiment_id(p.experiment, str(ROOT / p.mlflow.artifact_location))
-    tags = {"stage": "optimizer_finetune", "optimizer_model": optimizer_version.name, "optimizer_version": optimizer_version.version,
+    tags = {"stage": "optimizer_finetune", "optimizer_model": optimizer["name"], "optimizer_version": optimizer["version"],
             **{f"model_{k}": f"{v['model']['name']} v{v['model']['version']}" for k, v in report["methods"].items()},
             **tracking.system_tags(device)}
-    with mlflow.start_run(experiment_id=experiment, run_name="optimizer-finetune", tags=tags):
+    with tracking.start_run(p.experiment, p.mlflow.artifact_location, run_name="optimizer-finetune", tags=tags) as run:
         mlflow.log_metrics({f"acc_{k}_{r}": v["accuracy"] for k, m in report["methods"].items() for r, v in m["results"].items()})
         mlflow.log_dict(report, "finetune.json")
     write_json(ROOT / "metrics" / "learned_optimizer" / "finetune.json", report)
-    print(f"optimizer_finetune: {optimizer_version.name} v{optimizer_version.version} on {f.tasks} {f.setting} tasks; "
-          "metrics/learned_optimizer/finetune.json")
+    write_json(ROOT / "runs" / "learned_optimizer" / "finetune.json", {"run_id": run.info.run_id, "models": references})
+    print(f"optimizer_finetune: {optimizer['name']} v{optimizer['version']} on {f.tasks} {f.setting} tasks; "
+          f"metrics/learned_optimizer/finetune.json, MLflow run {run.info.run_id}")
 
 
 if __name__ == "__main__":

@@ -107,10 +107,9 @@ def train_and_register(p: Params, root: Path, pools: dict[str, ImagePool]) -> di
     seed_everything(op.seed)
     net = LSTMOptimizerNet(**op.net.model_dump()).to(device)
     tracking.configure(p.mlflow.tracking_uri)
-    experiment = tracking.experiment_id(p.experiment, str(root / p.mlflow.artifact_location))
     tags = {"stage": "optimizer_train", "method": "learned_optimizer", "profile": p.profile, "dataset": p.data.name,
             **tracking.system_tags(device)}
-    with mlflow.start_run(experiment_id=experiment, run_name="optimizer_train", tags=tags) as run:
+    with tracking.start_run(p.experiment, p.mlflow.artifact_location, run_name="optimizer_train", tags=tags) as run:
         mlflow.log_params(tracking.flatten_params({"optimizer": op.model_dump(mode="json"), "profile": p.profile}))
         try:
             history, seconds = meta_train(p, net, pools, device, tracking.MetricLogger(run.info.run_id))
@@ -139,7 +138,7 @@ def train_and_register(p: Params, root: Path, pools: dict[str, ImagePool]) -> di
         "Learned LSTM optimizer (Andrychowicz et al. 2016): predict({'gradients': float [T, N]}) -> updates [T, N]",
     )
     promoted = registry.promote_if_none(name, version.version, GATE_METRIC) if p.registry.promote_first else None
-    out = {"run_id": run.info.run_id, "experiment_id": experiment, "model_uri": model_uri, "name": name,
+    out = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "model_uri": model_uri, "name": name,
            "version": version.version, "promoted": promoted is not None, **costs}
     write_json(root / RUN_FILE, out)
     return out

@@ -19,7 +19,7 @@ from _stage import PREPARED, ROOT, method_key, params, run_guarded
 
 from metaflowlib import registry, tracking
 from metaflowlib.artifacts import save_meta_knowledge
-from metaflowlib.data.store import load_pool
+from metaflowlib.data.store import load_pool, log_splits
 from metaflowlib.evaluate import embed_pool, evaluate_setting
 from metaflowlib.io import WEIGHTS_FILE, atomic_path, sha256_file, write_json
 from metaflowlib.methods import ProtoNet, build_method
@@ -63,13 +63,13 @@ def main() -> None:
                                 p.evaluate.batch_tasks, dtype).accuracy
 
     tracking.configure(p.mlflow.tracking_uri)
-    experiment = tracking.experiment_id(p.experiment, str(ROOT / p.mlflow.artifact_location))
     tags = {"method": mp.kind, "method_key": key, "stage": f"pretrain@{key}", "profile": p.profile, "dataset": p.data.name,
             **tracking.system_tags(device)}
     name = f"{p.registered_name(key)}-embedding"
-    with mlflow.start_run(experiment_id=experiment, run_name=f"{key}-pretrain", tags=tags) as run:
+    with tracking.start_run(p.experiment, p.mlflow.artifact_location, run_name=f"{key}-pretrain", tags=tags) as run:
         mlflow.log_params(tracking.flatten_params({"pretrain": pretrain.model_dump(mode="json"), "seed": p.seed,
                                                    "profile": p.profile, "budget": budget.model_dump(mode="json")}))
+        log_splits(PREPARED, {"train": "training", "val": "validation"})  # val picks the best epoch
         result = pretrain_feature_map(
             embedding.embedding, train_pool, dim=conv4_output_dim(p.data.image_size, config["hidden"]),
             batch_size=pretrain.batch_size, lr=pretrain.lr, scale=pretrain.scale, max_epochs=budget.epochs,

@@ -1,5 +1,8 @@
 """Stage `register@<method>`: a new registry version of omega, tagged with its evaluation.
 
+The tags show the accuracies; `evaluation_run_id` names the evaluation run the
+promotion gate reads them (and the per-task accuracies) from.
+
 Output: registry/<key>.json (name, version, run id, whether it was promoted).
 The first version is promoted to `production` when none exists and
 `registry.promote_first` is set; later promotions are a person's call
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 from _stage import ROOT, method_key, params, run_guarded
 
-from metaflowlib import registry, tracking
+from metaflowlib import gate, registry, tracking
 from metaflowlib.io import read_json, write_json
 
 
@@ -19,12 +22,13 @@ def main() -> None:
     mp = p.method(key)
     train = read_json(ROOT / "runs" / key / "train.json")
     metrics = read_json(ROOT / "metrics" / key / "eval.json")
+    evaluation = read_json(ROOT / "runs" / key / "evaluate.json")
     name = p.registered_name(key)
     scores = {k: v for k, v in metrics.items() if k.startswith(("acc_", "ci95_"))}
     shown = ", ".join(f"{k[4:]} {100 * v:.2f}%" for k, v in scores.items() if k.startswith("acc_"))
     tags = {**scores, "protocol": p.data.name, "method": mp.kind, "method_key": key, "profile": p.profile,
             "adaptation_ms_per_task": metrics["adaptation_ms_per_task"], "meta_train_seconds": metrics["meta_train_seconds"],
-            "git_commit": tracking.git_commit()}
+            "git_commit": tracking.git_commit(), gate.EVALUATION_RUN_TAG: evaluation["run_id"]}
     if "feature_map" in train:  # omega is read through a frozen feature map registered of its own
         tags |= {"feature_map_model": train["feature_map"]["registered_name"],
                  "feature_map_version": train["feature_map"]["registered_version"]}

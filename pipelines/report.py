@@ -102,9 +102,8 @@ def log_summary_run(p: Params, root: Path, device, out: Path, figures: dict[Path
     import mlflow
 
     tracking.configure(p.mlflow.tracking_uri)
-    experiment = tracking.experiment_id(p.experiment, str(root / p.mlflow.artifact_location))
     tags = {"stage": "report", "profile": p.profile, "dataset": p.data.name, **tracking.system_tags(device)}
-    with mlflow.start_run(experiment_id=experiment, run_name="report", tags=tags) as run:
+    with tracking.start_run(p.experiment, p.mlflow.artifact_location, run_name="report", tags=tags) as run:
         mlflow.log_param("methods", ",".join(p.methods))
         mlflow.log_artifact(str(out / "summary.md"))
         for path, folder in figures.items():

@@ -1,6 +1,7 @@
 """Stage `shift@<method>`: a production few-shot learner on corrupted test tasks (Omniglot-C).
 
-The registered production version of `<dataset>-<method>` is scored on the
+The production version of `<dataset>-<method>` that `production_shift@<method>`
+recorded (production/shift/<method>.json) is scored on the
 same fixed test tasks, clean and under each corruption at one severity, with
 the test-time strategies that apply to it:
 - per-example methods (ProtoNet, parameter prediction): `source`, `bn`
@@ -10,8 +11,8 @@ the test-time strategies that apply to it:
 - methods with an inner loop (the MAML family): `source`, which already
   fine-tunes on each task's support set (and normalizes with its batch).
 
-Outputs: metrics/shift/<method>.json (DVC metrics), an MLflow run tagged with
-the model name and version it adapted.
+Outputs: metrics/shift/<method>.json (DVC metrics), runs/shift/<method>.json
+(the MLflow run, tagged with the model name and version it adapted).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import functools
 import time
 
 from _stage import PREPARED, ROOT, method_key, params, run_guarded
+from production import recorded
 
 import torch
 
-from metaflowlib import registry, tracking
+from metaflowlib import tracking
 from metaflowlib.adaptation.fewshot import adapted_task_accuracies, shift_result
 from metaflowlib.data.corruptions import corrupt
 from metaflowlib.data.preprocess import to_model_input
@@ -49,9 +51,9 @@ def main() -> None:
     device = resolve_device(p.device)
     seed_everything(p.seed)
     tracking.configure(p.mlflow.tracking_uri)
-    name = p.registered_name(key)
-    production = registry.require_production(name)
-    model = unwrap_registered(f"models:/{name}/{production.version}", FewShotModel, "a few-shot meta-model")
+    production = recorded(p, ROOT, "shift", key)[key]
+    name, version = production["name"], production["version"]
+    model = unwrap_registered(production["uri"], FewShotModel, "a few-shot meta-model")
     method, size = model.method.to(device).eval(), model.image_size
     ways, shots = p.settings_of(s.setting)
     strategies = {"source": {}}
@@ -79,20 +81,20 @@ def main() -> None:
                           "mean_corrupted": sum(by[c]["accuracy"] for c in s.corruptions) / len(s.corruptions),
                           "seconds_per_task": sum(r["seconds_per_task"] for r in by.values()) / len(by)}
                for strategy, by in results.items()}
-    report = {"model": {"name": name, "version": production.version, "run_id": production.run_id},
+    report = {"model": {"name": name, "version": version, "run_id": production["run_id"]},
               "setting": s.setting, "severity": s.severity, "tasks": s.tasks, "episodes_digest": indices.digest(),
               "summary": summary, "accuracy": {k: {c: r["accuracy"] for c, r in v.items()} for k, v in results.items()}}
-    experiment = tracking.experiment_id(p.experiment, str(ROOT / p.mlflow.artifact_location))
     tags = {"stage": f"shift@{key}", "method_key": key, "method": method.kind, "adapted_model": name,
-            "adapted_version": production.version, **tracking.system_tags(device)}
-    with mlflow.start_run(experiment_id=experiment, run_name=f"{key}-shift", tags=tags):
+            "adapted_version": version, **tracking.system_tags(device)}
+    with tracking.start_run(p.experiment, p.mlflow.artifact_location, run_name=f"{key}-shift", tags=tags) as run:
         mlflow.log_params({"setting": s.setting, "severity": s.severity, "tasks": s.tasks, "tent_steps": s.tent.steps, "tent_lr": s.tent.lr})
         mlflow.log_metrics({f"acc_{k}_{c}": r["accuracy"] for k, v in results.items() for c, r in v.items()}
                            | {f"{k}_{m}": v for k, row in summary.items() for m, v in row.items()})
         mlflow.log_dict(report, "shift/report.json")
     write_json(ROOT / "metrics" / "shift" / f"{key}.json", report)
+    write_json(ROOT / "runs" / "shift" / f"{key}.json", {"run_id": run.info.run_id, "model": report["model"]})
     shown = ", ".join(f"{k} {100 * v['clean']:.1f} -> {100 * v['mean_corrupted']:.1f}" for k, v in summary.items())
-    print(f"shift@{key}: {name} v{production.version}, {s.setting} clean -> mean over {len(s.corruptions)} corruptions "
+    print(f"shift@{key}: {name} v{version}, {s.setting} clean -> mean over {len(s.corruptions)} corruptions "
           f"(severity {s.severity}): {shown} (%); metrics/shift/{key}.json")
 
 

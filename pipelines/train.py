@@ -24,7 +24,7 @@ from _stage import PREPARED, ROOT, method_key, params, run_guarded
 from metaflowlib import distributed, tracking
 from metaflowlib.artifacts import load_meta_knowledge, save_meta_knowledge
 from metaflowlib.config import Params
-from metaflowlib.data.store import load_info, load_pool
+from metaflowlib.data.store import load_info, load_pool, log_splits
 from metaflowlib.episodes import EpisodeSampler, fixed_episodes
 from metaflowlib.errors import DataError, Interrupted
 from metaflowlib.evaluate import embed_pool, evaluate_setting
@@ -136,16 +136,16 @@ def train(p: Params, key: str, device: torch.device, group: distributed.Distribu
     expected = fingerprint(p, key, pretrained)
     run_id = resume_run_id(checkpoints, expected)
     tracking.configure(p.mlflow.tracking_uri)
-    experiment = tracking.experiment_id(p.experiment, str(ROOT / p.mlflow.artifact_location))
     tags = {"method": mp.kind, "method_key": key, "stage": f"train@{key}", "profile": p.profile,
             "dataset": p.data.name, "data_digest": hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16],
             **tracking.system_tags(device), **({"processes": str(group.world_size)} if group else {})}
     progress = p.train.progress if p.train.progress != "auto" else ("bar" if sys.stderr.isatty() else "log")
-    with mlflow.start_run(run_id=run_id, experiment_id=experiment, run_name=key, tags=tags) as run:
+    with tracking.start_run(p.experiment, p.mlflow.artifact_location, key, tags, run_id=run_id) as run:
         if run_id is None:
             mlflow.log_params(tracking.flatten_params({"method": mp.model_dump(mode="json"), "data": p.data.model_dump(mode="json"),
                                                         "train": p.train.model_dump(mode="json"), "seed": p.seed, "profile": p.profile,
                                                         "budget": budget.model_dump(mode="json")}))
+        log_splits(PREPARED, {"train": "training", "val": "validation"})
         checkpoints.mkdir(parents=True, exist_ok=True)
         (checkpoints / "mlflow_run_id").write_text(run.info.run_id)
         (checkpoints / "fingerprint").write_text(expected)
@@ -163,17 +163,24 @@ def train(p: Params, key: str, device: torch.device, group: distributed.Distribu
             costs |= {k: pretrained[k] for k in ("pretrain_seconds", "pretrain_peak_memory_mb")}
             feature_map = {"feature_map": {k: pretrained[k] for k in ("registered_name", "registered_version", "run_id", "weights_sha256")}}
             mlflow.set_tags({"feature_map_model": pretrained["registered_name"], "feature_map_version": pretrained["registered_version"]})
+        capped = budget.seconds is not None and result.episodes < budget.episodes
+        if capped:
+            mlflow.set_tag("budget_capped", f"{result.episodes} of {budget.episodes} episodes in the {budget.seconds:g}s cap")
+            print(f"warning: train@{key} hit its {budget.seconds:g}s cap after {result.episodes} of {budget.episodes} episodes; "
+                  "the result depends on this machine's speed (MLflow tag budget_capped)", file=sys.stderr, flush=True)
         mlflow.log_metrics(costs)
         mlflow.set_tag("memory_kind", result.memory_kind)
         omega_dir = save_meta_knowledge(method, ROOT / "models" / key, extra={
             "image_size": p.data.image_size, "method_key": key, "dataset": p.data.name, "run_id": run.info.run_id})
         model_uri = log_pyfunc_model(omega_dir, ways=method.fixed_ways or 2)
         write_curve(ROOT / "metrics" / key / "train_curve.csv", result.history)
-        write_json(ROOT / "runs" / key / "train.json", {"run_id": run.info.run_id, "experiment_id": experiment,
-                                                        "model_uri": model_uri, "memory_kind": result.memory_kind, **costs, **feature_map})
+        write_json(ROOT / "runs" / key / "train.json", {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+                                                        "model_uri": model_uri, "memory_kind": result.memory_kind, "budget_capped": capped,
+                                                        **costs, **feature_map})
     shutil.rmtree(checkpoints, ignore_errors=True)
     print(f"train@{key}: {result.episodes} episodes in {result.seconds:.0f}s ({result.episodes_per_second:.2f} ep/s), "
-          f"best val {result.best_val_accuracy:.4f}; omega in models/{key}/, MLflow run {run.info.run_id}")
+          f"best val {result.best_val_accuracy:.4f}; omega in models/{key}/, MLflow run {run.info.run_id}, "
+          f"runs table {tracking.ui_link(run.info.experiment_id)}")
 
 
 def load_pretrained(method, key: str) -> dict:

@@ -1,6 +1,6 @@
 """Stage `tta@<strategy>`: adapt the production classifier on every corruption x severity of the shifted set.
 
-Reads registry/tta_production.json (the versions `tta_model` resolved from
+Reads production/tta.json (the versions `production_tta` resolved from
 the `production` alias) and data/tta/fashion-mnist-c/. Outputs, under
 metrics/tta/strategies/ and runs/tta/strategies/: `<key>.json` (DVC metrics:
 error per corruption and severity, mean per severity, clean error, cost),
@@ -16,12 +16,11 @@ from pathlib import Path
 
 from _stage import ROOT, params, run_guarded
 from tta_data import SHIFTED
-from tta_model import LEARNED, PRODUCTION
+from production import LEARNED, recorded
 
-from metaflowlib import registry, tracking
+from metaflowlib import tracking
 from metaflowlib.config import Params
-from metaflowlib.errors import DataError, RegistryError
-from metaflowlib.io import atomic_path, read_json, write_json
+from metaflowlib.io import atomic_path, write_json
 from metaflowlib.runtime import resolve_device, seed_everything
 from metaflowlib.tta.benchmark import adapter_options, evaluate_strategy
 from metaflowlib.tta.pyfunc import load_registered
@@ -31,20 +30,6 @@ METRICS = Path("metrics") / "tta" / "strategies"
 RUNS = Path("runs") / "tta" / "strategies"
 
 
-def production_reference(p: Params, model: str, root: Path) -> dict:
-    """The version tta_model recorded, checked against the alias now: what DVC tracked is what gets adapted."""
-    name = p.registered_name(p.optimizer.name) if model == LEARNED else p.tta.registered_name(model)
-    current = registry.require_production(name)
-    path = root / PRODUCTION
-    if not path.is_file():
-        raise DataError(f"{path} is missing: run `dvc repro tta_model` (it records the production versions)")
-    reference = read_json(path)[model]
-    if reference["name"] != name or reference["version"] != current.version:
-        raise RegistryError(f"{PRODUCTION} names {reference['name']} v{reference['version']} but {name} production is "
-                            f"v{current.version}: run `dvc repro` so that tta_model records the current one")
-    return reference
-
-
 def run(p: Params, key: str, root: Path) -> dict:
     """Evaluate strategy `key`, write its outputs under `root`, log its MLflow run; returns the metrics."""
     import mlflow
@@ -52,7 +37,8 @@ def run(p: Params, key: str, root: Path) -> dict:
 
     strategy = p.tta.strategy(key)
     tracking.configure(p.mlflow.tracking_uri)
-    reference = production_reference(p, strategy.model, root)
+    references = recorded(p, root, "tta")
+    reference = references[strategy.model]
     device = resolve_device(p.device)
     model, _ = load_registered(reference["uri"])
     model = model.to(device)
@@ -64,16 +50,15 @@ def run(p: Params, key: str, root: Path) -> dict:
     if getattr(strategy, "optimizer", None) == "learned":
         from metaflowlib.optim.pyfunc import load_registered as load_optimizer
 
-        learned = load_optimizer(production_reference(p, LEARNED, root)["uri"]).to(device).eval()
+        learned = load_optimizer(references[LEARNED]["uri"]).to(device).eval()
     result = evaluate_strategy(strategy.kind, model, adapter_options(strategy, learned), shifted, strategy.batch_size, device,
                                p.tta.channels_last)
     metrics = result.metrics()
-    experiment = tracking.experiment_id(p.tta.experiment, str(root / p.mlflow.artifact_location))
     tags = {"stage": f"tta@{key}", "strategy": key, "kind": strategy.kind, "model_name": reference["name"],
             "model_version": reference["version"], "model_run_id": reference["run_id"],
-            **({"optimizer_model": f"{p.registered_name(p.optimizer.name)}"} if learned is not None else {}),
+            **({"optimizer_model": references[LEARNED]["name"], "optimizer_version": references[LEARNED]["version"]} if learned is not None else {}),
             "data_digest": shifted.info["digest"], "memory_kind": result.memory_kind, **tracking.system_tags(device)}
-    with mlflow.start_run(experiment_id=experiment, run_name=f"tta@{key}", tags=tags) as mlflow_run:
+    with tracking.start_run(p.tta.experiment, p.mlflow.artifact_location, run_name=f"tta@{key}", tags=tags) as mlflow_run:
         mlflow.log_params(tracking.flatten_params({"strategy": strategy.model_dump(mode="json"), "images": len(shifted.labels),
                                                     "seed": p.tta.seed, "channels_last": p.tta.channels_last}))
         flat = {f"error_{c}_s{s}": e for c, by in metrics["error"].items() for s, e in by.items()}
@@ -82,7 +67,7 @@ def run(p: Params, key: str, root: Path) -> dict:
         mlflow.log_metrics(flat)
     write_json(root / METRICS / f"{key}.json", metrics)
     write_curve(root / METRICS / f"{key}.csv", metrics)
-    write_json(root / RUNS / f"{key}.json", {"run_id": mlflow_run.info.run_id, "experiment_id": experiment,
+    write_json(root / RUNS / f"{key}.json", {"run_id": mlflow_run.info.run_id, "experiment_id": mlflow_run.info.experiment_id,
                                             "strategy": strategy.model_dump(mode="json"), "name": reference["name"],
                                             "version": reference["version"], "model_run_id": reference["run_id"],
                                             "model_uri": reference["uri"]})

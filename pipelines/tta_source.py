@@ -53,7 +53,6 @@ def train_and_register(p: Params, root: Path) -> dict:
         keep = np.random.default_rng(p.tta.seed).permutation(len(labels))[: t.train_images]
         images, labels = images[keep], labels[keep]
     tracking.configure(p.mlflow.tracking_uri)
-    experiment = tracking.experiment_id(p.tta.experiment, str(root / p.mlflow.artifact_location))
     out = {}
     for kind in KINDS:
         seed_everything(p.tta.seed)  # the twin starts from the same seed and sees the same batches
@@ -63,7 +62,7 @@ def train_and_register(p: Params, root: Path) -> dict:
         if p.tta.channels_last:
             model = model.to(memory_format=torch.channels_last)
         tags = {"stage": "tta_source", "kind": kind, "dataset": "fashion-mnist", **tracking.system_tags(device)}
-        with mlflow.start_run(experiment_id=experiment, run_name=f"tta_source@{kind}", tags=tags) as run:
+        with tracking.start_run(p.tta.experiment, p.mlflow.artifact_location, run_name=f"tta_source@{kind}", tags=tags) as run:
             mlflow.log_params(tracking.flatten_params({"training": t.model_dump(mode="json"), "kind": kind,
                                                         "seed": p.tta.seed, "train_images": len(labels)}))
             result = train_classifier(model, kind, images, labels, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,

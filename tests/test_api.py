@@ -24,17 +24,18 @@ from metaflowlib.serving.log import log_pyfunc_model
 from metaflowlib.tta.classifier import build_classifier, save_classifier
 from metaflowlib.tta.pyfunc import log_classifier_model
 
-from conftest import ROOT, class_images
+from conftest import ROOT, class_images, register_evaluated
 
 FEW_SHOT, CLASSIFIER = "toy-protonet", "toy-source"
 
 
 def register_protonet(tmp_path, acc: float, seed: int) -> str:
+    """A version of a tiny ProtoNet (initialized by `seed`), evaluated as evaluate@ does: per-task accuracies averaging `acc`."""
     torch.manual_seed(seed)
     omega = save_meta_knowledge(ProtoNet(hidden=8), tmp_path / f"omega{seed}", {"image_size": 28})
     with mlflow.start_run():
         uri = log_pyfunc_model(omega)
-    return registry.register(uri, FEW_SHOT, {"acc_5w1s": acc, "protocol": "toy"}, f"acc {acc}", "toy").version
+    return register_evaluated(uri, FEW_SHOT, acc)
 
 
 @pytest.fixture
@@ -44,7 +45,8 @@ def store(tmp_path, mlflow_store):
     register_protonet(tmp_path, 0.8, seed=1)
     config = {"num_classes": 10, "image_size": 28, "hidden": 4}
     directory = save_classifier(build_classifier("source", **config), tmp_path / "classifier", "source", config, {})
-    with mlflow.start_run():
+    with mlflow.start_run():  # as tta_source: the gate metric in the version's own run
+        mlflow.log_metric("acc_clean", 0.9023)
         uri = log_classifier_model(directory, 28)
     version = registry.register(uri, CLASSIFIER, {"acc_clean": 0.9023, registry.GATE_TAG: "acc_clean", "protocol": "fashion-mnist"},
                                 "source classifier", "toy classifier")
@@ -108,8 +110,11 @@ def test_the_argument_beats_the_environment_and_the_environment_is_left_as_it_wa
 
 def test_registry_commands_mirror_the_cli(store):
     assert api.show(FEW_SHOT, tracking_uri=store).version == "1"
-    assert "does not beat production v1's 0.9000" in str(pytest.raises(RegistryError, api.promote, FEW_SHOT, 2).value)
-    assert api.promote(FEW_SHOT, 2, force=True).startswith(f"promoted {FEW_SHOT} v2 (acc_5w1s 0.8000) to production (forced)")
+    refused = str(pytest.raises(RegistryError, api.promote, FEW_SHOT, 2).value)
+    assert refused.startswith(f"refusing to promote {FEW_SHOT} v2: acc_5w1s 0.8000 vs production v1's 0.9000: difference -0.1000, "
+                              "95% interval [-0.1000, -0.1000]"), refused  # api.promote: the default confidence
+    assert api.promote(FEW_SHOT, 2, force=True).startswith(
+        f"promoted {FEW_SHOT} v2 to production (forced); acc_5w1s 0.8000 vs production v1's 0.9000: difference -0.1000")
     assert api.show(FEW_SHOT, "@production").version == "2"
     assert api.rollback(FEW_SHOT) == f"rolled {FEW_SHOT} production back from v2 to v1"
     [evaluation] = api.evaluations(CLASSIFIER, 1)

@@ -167,12 +167,14 @@ def test_linear_meta_step_anneals_to_zero_over_the_budget() -> None:
         build_meta_optimizer(method, "sgd", 1.0, 1, 1.0, schedule="linear")
 
 
-def test_params_refuse_a_linear_schedule_without_an_episode_budget() -> None:
+def test_params_refuse_a_budget_in_seconds_alone() -> None:
+    """Every budget is in episodes (a linear schedule anneals to 0 at the last one; a result must not depend on the
+    machine's speed); seconds are only a cap."""
     from metaflowlib.config import ConfigError
 
     block = {"kind": "reptile", "meta_optimizer": {"name": "sgd", "lr": 1.0, "schedule": "linear"},
              "budget": {"default": {"seconds": 60}, "full": {"episodes": 10}}}
-    with pytest.raises(ConfigError, match="budget.default needs episodes"):
+    with pytest.raises(ConfigError, match=r"methods\.reptile\.budget\.default\.episodes"):
         parse_params({"methods": {"reptile": block}})
 
 

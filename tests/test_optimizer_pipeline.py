@@ -14,7 +14,7 @@ from conftest import ROOT, class_images, load_stage as stage
 
 from metaflowlib import registry
 from metaflowlib.config import parse_params
-from metaflowlib.errors import ConfigError, DivergenceError, PayloadError, RegistryError
+from metaflowlib.errors import ConfigError, DataError, DivergenceError, PayloadError, RegistryError
 from metaflowlib.optim.learned import LSTMOptimizerNet, save_optimizer
 from metaflowlib.optim.suites import build_pools
 
@@ -62,6 +62,8 @@ def test_train_registers_and_promotes_then_eval_reports_every_optimizer_and_hori
     curve = (tmp_path / "metrics" / "learned_optimizer" / "meta_curve.csv").read_text().splitlines()
     assert curve[0].startswith("step,meta_loss") and len(curve) == 5
 
+    recorded = stage("production").resolve(p, tmp_path, "optimizer")  # the production_optimizer stage
+    assert recorded == {"learned_optimizer": {"name": NAME, "version": "1", "run_id": production.run_id, "uri": f"models:/{NAME}/1"}}
     lines = []
     metrics = evaluate.evaluate_production(p, tmp_path, pools, progress=lines.append)
     report = json.loads((tmp_path / "metrics" / "learned_optimizer" / "report.json").read_text())
@@ -103,14 +105,26 @@ def test_a_diverged_optimizer_is_never_saved_or_registered(tmp_path, mlflow_stor
 
 
 def test_eval_without_production_says_how_to_get_one(tmp_path, mlflow_store, pools):
-    train, evaluate = stage("optimizer_train"), stage("optimizer_eval")
+    """optimizer_eval reads production/optimizer.json, which production_optimizer writes from the alias."""
+    train, evaluate, production = stage("optimizer_train"), stage("optimizer_eval"), stage("production")
     p = tiny_params(promote_first=False)
-    with pytest.raises(RegistryError, match=r"no registered model named .*`dvc repro optimizer_train` registers one"):
+    with pytest.raises(DataError, match=r"production/optimizer.json is missing: run `dvc repro` \(its production_\* stage"):
         evaluate.evaluate_production(p, tmp_path, pools)
+    with pytest.raises(RegistryError, match=rf"no registered model named '{NAME}'"):
+        production.resolve(p, tmp_path, "optimizer")
     out = train.train_and_register(p, tmp_path, pools)
     assert not out["promoted"]
     with pytest.raises(RegistryError, match=rf"no 'production' version; promote one with `metaflowlib promote {NAME} <version>`"):
+        production.resolve(p, tmp_path, "optimizer")
+    assert not (tmp_path / "production" / "optimizer.json").exists()
+
+    registry.promote(NAME, "1", "val_loss_drop")
+    assert production.resolve(p, tmp_path, "optimizer")["learned_optimizer"]["version"] == "1"
+    assert train.train_and_register(p, tmp_path, pools)["version"] == "2"
+    registry.promote(NAME, "2", "val_loss_drop", force=True)  # production moved after the file was written
+    with pytest.raises(RegistryError, match=rf"production/optimizer.json names {NAME} v1 but {NAME} production is v2: run `dvc repro`"):
         evaluate.evaluate_production(p, tmp_path, pools)
+    assert not (tmp_path / "metrics" / "learned_optimizer" / "eval.json").exists()
 
 
 def test_pyfunc_replays_gradients_through_the_lstm_and_refuses_bad_payloads(tmp_path, mlflow_store):

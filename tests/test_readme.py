@@ -2,7 +2,8 @@
 
 The README's fenced shell blocks (```bash, sh, shell, console) are its commands; each line is split at `&&` into simple
 commands (comments dropped, continuation lines joined). Each one is in RUN_HERE, and run for
-real against a throwaway MLflow store, or in COVERED_ELSEWHERE with the test that runs it.
+real against a throwaway MLflow store, or in COVERED_ELSEWHERE with the test that runs it and the strings
+that show it does (the command's words, or what it leaves), which that test must use.
 A README command in neither fails `test_every_readme_command_is_run_here_or_named_elsewhere`.
 The ```python blocks are executed against the same throwaway store.
 """
@@ -23,7 +24,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, class_images
+from conftest import ROOT, class_images, register_evaluated
 
 import metaflowlib
 from metaflowlib import registry
@@ -38,26 +39,31 @@ MODEL = "omniglot-vinyals-protonet"
 RUN_HERE = {
     "metaflowlib models list": f"{MODEL}\n  v1 [production]  acc_5w1s 0.9000",
     f"metaflowlib models show {MODEL}": f"{MODEL} v1 aliases=['production']",
-    f"metaflowlib promote {MODEL} 2": f"promoted {MODEL} v2 (acc_5w1s 0.9500) to production; previous: v1",
+    f"metaflowlib promote {MODEL} 2": (f"promoted {MODEL} v2 to production; acc_5w1s 0.9500 vs production v1's 0.9000: "
+                                       "difference +0.0500, 95% interval [+0.0400, +0.0600] (paired bootstrap over 100 shared tasks)"),
     f"metaflowlib promote {MODEL} 2 --force": f"{MODEL} version 2 is already production",
     f"metaflowlib rollback {MODEL}": f"rolled {MODEL} production back from v2 to v1",
 }
-# command -> the test that runs it (tests/<file>.py::<function>)
+# command -> the test that runs it (tests/<file>.py::<function>), and strings in that test (or the fixtures it takes)
+# that show it runs the command or checks what the command leaves
 PIPELINE = "tests/test_pipeline.py::test_dvc_repro_trains_evaluates_registers_and_serves"
-SERVER = "tests/test_serving_http.py::test_served_model_labels_new_classes_and_refuses_bad_requests"
+SERVER = "tests/test_serving_http.py::test_served_model_labels_new_classes_with_the_code_it_ships"
 CI = "tests/test_readme.py::test_ci_runs_the_readmes_install_and_test_commands"
+INSTALLED = "tests/test_readme.py::test_the_package_and_its_script_are_installed"
 COVERED_ELSEWHERE = {
-    "pip install torch==2.13.0": CI,
-    "pip install -e .": "tests/test_readme.py::test_the_package_and_its_script_are_installed",
-    "dvc repro": PIPELINE,
-    "pip install -e '.[test]'": CI,
-    "pip install --no-deps easyfsl==1.5.0": CI,
-    "python -m pytest -q": CI,
-    "dvc repro report": PIPELINE,
-    "dvc plots show": "tests/test_report.py::test_dvc_plots_show_renders_every_report_plot",
-    f"MLFLOW_TRACKING_URI=sqlite:///mlflow.db mlflow models serve -m models:/{MODEL}@production --env-manager local -p 5001": SERVER,
+    "pip install torch==2.13.0": (CI, ("pip install torch==2.13.0",)),
+    "pip install -e .": (INSTALLED, ("metaflowlib", "console_scripts")),
+    "dvc repro": (PIPELINE, ("repro",)),
+    "pip install -e '.[test]'": (CI, ("pip install -e '.[test]'",)),
+    "pip install --no-deps easyfsl==1.5.0": (CI, ("pip install --no-deps easyfsl==1.5.0",)),
+    "python -m pytest -q": (CI, ("python -m pytest -q",)),
+    "dvc repro report": (PIPELINE, ("repro", "reports", "summary.md")),
+    "dvc plots show": ("tests/test_report.py::test_dvc_plots_show_renders_every_report_plot", ("plots", "show")),
+    f"MLFLOW_TRACKING_URI=sqlite:///mlflow.db mlflow models serve -m models:/{MODEL}@production --env-manager local -p 5001":
+        (SERVER, ("mlflow", "models", "serve", "@production", "--env-manager", "local")),
     ("curl -s localhost:5001/invocations -H 'Content-Type: application/json' -d "
-     "'{\"inputs\": {\"support_images\": [...], \"support_labels\": [...], \"query_images\": [...]}}'"): SERVER,
+     "'{\"inputs\": {\"support_images\": [...], \"support_labels\": [...], \"query_images\": [...]}}'"):
+        (SERVER, ("/invocations", "inputs")),
 }
 
 
@@ -95,11 +101,22 @@ def test_every_readme_command_is_run_here_or_named_elsewhere():
     assert not RUN_HERE.keys() & COVERED_ELSEWHERE.keys()
 
 
-@pytest.mark.parametrize("node", sorted(set(COVERED_ELSEWHERE.values())))
-def test_the_named_tests_exist(node):
-    path, function = node.split("::")
-    tree = ast.parse((ROOT / path).read_text())
-    assert function in {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}, node
+def strings_used_by(node: str) -> set[str]:
+    """The string constants (f-string pieces and docstrings included) of a test function and of the same-file
+    fixtures among its arguments; fails when the function does not exist."""
+    path, name = node.split("::")
+    functions = {f.name: f for f in ast.walk(ast.parse((ROOT / path).read_text())) if isinstance(f, ast.FunctionDef)}
+    assert name in functions, f"{node} does not exist"
+    test = functions[name]
+    used = [test, *(functions[a.arg] for a in test.args.args if a.arg in functions)]
+    return {c.value for f in used for c in ast.walk(f) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+
+
+@pytest.mark.parametrize("command", sorted(COVERED_ELSEWHERE))
+def test_the_named_test_runs_the_command(command):
+    node, evidence = COVERED_ELSEWHERE[command]
+    missing = [word for word in evidence if word not in strings_used_by(node)]
+    assert not missing, f"{node} does not use {missing}: nothing shows it runs `{command}`"
 
 
 def test_ci_runs_the_readmes_install_and_test_commands():
@@ -128,13 +145,14 @@ def test_the_package_and_its_script_are_installed():
 
 @pytest.fixture
 def store(tmp_path, mlflow_store):
-    """The README's model name in a throwaway store: v1 (acc 0.90) in production, v2 (acc 0.95) not."""
+    """The README's model name in a throwaway store, as evaluate@ and register@ leave it: v1 (acc 0.90) in
+    production, v2 (acc 0.95) not."""
     for version, acc in ((1, 0.90), (2, 0.95)):
         torch.manual_seed(version)
         omega = save_meta_knowledge(ProtoNet(hidden=8), tmp_path / f"omega{version}", {"image_size": 28})
         with mlflow.start_run():
             uri = log_pyfunc_model(omega)
-        registry.register(uri, MODEL, {"acc_5w1s": acc, "protocol": "omniglot-vinyals"}, f"acc {acc}", "toy")
+        register_evaluated(uri, MODEL, acc, protocol="omniglot-vinyals")  # the same 100 tasks, v2 0.05 better on average
     registry.promote(MODEL, "1", "acc_5w1s")
     return mlflow_store
 

@@ -10,16 +10,20 @@ from metaflowlib.io import file_lock
 from metaflowlib.methods import ProtoNet
 from metaflowlib.serving.log import log_pyfunc_model
 
-from conftest import ROOT
+from conftest import ROOT, register_evaluated
 
 NAME = "toy-protonet"
 
 
-def new_version(tmp_path, acc: float, protocol: str = "toy") -> str:
-    omega = save_meta_knowledge(ProtoNet(hidden=4), tmp_path / f"omega{acc}", {"image_size": 28})
+def new_version(tmp_path, acc: float | list[float] | None, protocol: str = "toy", **evaluation) -> str:
+    """A version of NAME from a fresh tiny ProtoNet, evaluated as evaluate@ and register@ do (`register_evaluated`
+    with `acc` and `evaluation`: its per-task accuracies or their mean); acc None: registered never evaluated."""
+    omega = save_meta_knowledge(ProtoNet(hidden=4), tmp_path / f"omega{len(list(tmp_path.glob('omega*')))}", {"image_size": 28})
     with mlflow.start_run():
         uri = log_pyfunc_model(omega)
-    return registry.register(uri, NAME, {"acc_5w1s": acc, "protocol": protocol}, f"acc {acc}", "toy").version
+    if acc is None:
+        return registry.register(uri, NAME, {"protocol": protocol}, "not evaluated", "toy").version
+    return register_evaluated(uri, NAME, acc, protocol=protocol, **evaluation)
 
 
 def test_gate_force_rollback_and_production_loading(tmp_path, mlflow_store, capsys):
@@ -28,14 +32,17 @@ def test_gate_force_rollback_and_production_loading(tmp_path, mlflow_store, caps
         registry.load_production(NAME)
     assert "to production" in registry.promote(NAME, v1, "acc_5w1s")
 
-    v2 = new_version(tmp_path, 0.85)
-    with pytest.raises(RegistryError, match=r"acc_5w1s 0.8500 does not beat production v1's 0.9000 \(use --force"):
+    v2 = new_version(tmp_path, 0.85)  # 0.05 below v1 on every one of the same tasks
+    with pytest.raises(RegistryError, match=r"refusing to promote toy-protonet v2: acc_5w1s 0.8500 vs production v1's 0.9000: "
+                       r"difference -0.0500, 95% interval \[-0.0500, -0.0500\] \(paired bootstrap over 100 shared tasks\) "
+                       r"\(use --force"):
         registry.promote(NAME, v2, "acc_5w1s")
     assert registry.get_alias(NAME).version == v1
 
     v3 = new_version(tmp_path, 0.95)
     message = registry.promote(NAME, v3, "acc_5w1s")
-    assert "promoted toy-protonet v3 (acc_5w1s 0.9500)" in message and "previous: v1" in message
+    assert message.startswith("promoted toy-protonet v3 to production; acc_5w1s 0.9500 vs production v1's 0.9000: "
+                              "difference +0.0500, 95% interval [+0.0"), message
     assert "(forced)" in registry.promote(NAME, v2, "acc_5w1s", force=True)
     assert registry.rollback(NAME) == "rolled toy-protonet production back from v2 to v3"
     assert registry.rollback(NAME) == "rolled toy-protonet production back from v3 to v1"
@@ -81,7 +88,8 @@ def test_cli_promote_refusal_is_one_line_and_exit_2(tmp_path, mlflow_store, caps
         cli(["--params", params, "promote", NAME, v2])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: refusing to promote toy-protonet v2: acc_5w1s 0.8000 does not beat") and "Traceback" not in err
+    assert err.startswith("error: refusing to promote toy-protonet v2: acc_5w1s 0.8000 vs production v1's 0.9000: "
+                          "difference -0.1000") and err.endswith("(use --force to override)") and "Traceback" not in err
     cli(["--params", params, "models", "list"])
     out = capsys.readouterr().out
     assert "v1 [production]  acc_5w1s 0.9000" in out and "v2  acc_5w1s 0.8000" in out
@@ -120,11 +128,15 @@ def test_unknown_name_alias_and_deleted_version_are_one_line_errors(tmp_path, ml
 
 
 def test_the_gate_holds_without_a_metric_a_lock_or_a_stable_production(tmp_path, mlflow_store, monkeypatch):
-    v1, v2, v3 = new_version(tmp_path, 0.5), new_version(tmp_path, 0.6), new_version(tmp_path, 0.7)
+    v1, v2, v3 = new_version(tmp_path, 0.5), new_version(tmp_path, None), new_version(tmp_path, 0.7)
     registry.promote(NAME, v1, "acc_5w1s")
-    mlflow.MlflowClient().delete_model_version_tag(NAME, v2, "acc_5w1s")
-    with pytest.raises(RegistryError, match="acc_5w1s n/a does not beat production v1's 0.5000"):
+    run_id = registry.get_version(NAME, v2).run_id
+    with pytest.raises(RegistryError, match=f"refusing to promote toy-protonet v2: v2's run {run_id} records no acc_5w1s, so there is nothing to compare \\(use --force"):
         registry.promote(NAME, v2, "acc_5w1s")  # not evaluated: no way past the gate without --force
+    mlflow.MlflowClient().set_model_version_tag(NAME, v2, "acc_5w1s", "0.99")  # a tag is not an evaluation
+    with pytest.raises(RegistryError, match=f"v2's run {run_id} records no acc_5w1s"):
+        registry.promote(NAME, v2, "acc_5w1s")
+    assert registry.get_alias(NAME).version == v1
 
     lock = tmp_path / "mlflow.db.registry.lock"
     monkeypatch.setattr(registry, "LOCK_SECONDS", 0.2)

@@ -29,7 +29,7 @@ import numpy as np
 import psycopg
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, register_evaluated
 from test_serving import payload
 
 from metaflowlib import registry, tracking
@@ -190,9 +190,9 @@ def mlflow_server(postgres: Postgres, tmp_path: Path) -> Iterator[Server]:
         mlflow.set_registry_uri(None)
 
 
-def train_and_log(pool, experiment: str, omega_dir: Path) -> tuple[ProtoNet, str, float]:
-    """A tiny ProtoNet through the training loop, its evaluation and pyfunc model logged to one run, as train@ and
-    evaluate@ do; returns (omega, model URI, acc_5w1s)."""
+def train_and_log(pool, experiment: str, omega_dir: Path) -> tuple[ProtoNet, str, dict]:
+    """A tiny ProtoNet through the training loop and its pyfunc model logged to one run, as train@ does, then scored
+    by the evaluation protocol; returns (omega, model URI, the 5w1s result with its per-task accuracies)."""
     torch.manual_seed(0)
     method = ProtoNet(hidden=8)
     optimizer, scheduler = build_meta_optimizer(method, "adam", 1e-2, 100, 0.5)
@@ -205,11 +205,10 @@ def train_and_log(pool, experiment: str, omega_dir: Path) -> tuple[ProtoNet, str
     with mlflow.start_run(experiment_id=experiment, run_name="protonet") as run:
         result = MetaTrainer(method, sampler, optimizer, scheduler, validate=validate, val_every=5, max_episodes=10,
                              max_seconds=None, log=tracking.MetricLogger(run.info.run_id), progress="off").run()
-        report = evaluate_protocol(method, pool, {"5w1s": (5, 1)}, episodes=20, queries=2, seed=2, timing_tasks=3)
-        accuracy = report["settings"]["5w1s"]["accuracy"]
-        mlflow.log_metrics({"acc_5w1s": accuracy, "meta_train_seconds": result.seconds})
+        mlflow.log_metrics({"meta_train_seconds": result.seconds})
         model_uri = log_pyfunc_model(save_meta_knowledge(method, omega_dir, {"image_size": 28}))
-    return method, model_uri, accuracy
+    report = evaluate_protocol(method, pool, {"5w1s": (5, 1)}, episodes=20, queries=2, seed=2, timing_tasks=3)
+    return method, model_uri, {**report["settings"]["5w1s"], "task_accuracies": report["task_accuracies"]["5w1s"]}
 
 
 LOAD_AND_PREDICT = """
@@ -229,17 +228,22 @@ def test_train_register_promote_and_serve_through_a_postgres_backed_server(mlflo
     experiment = tracking.experiment_id("team", str(tmp_path / "unused"))
     assert mlflow.get_experiment(experiment).artifact_location.startswith("mlflow-artifacts:/")  # the server's proxy
 
-    method, model_uri, accuracy = train_and_log(tiny_pool, experiment, tmp_path / "omega")
-    tags = {"protocol": "tiny", "method": "protonet"}
-    v1 = registry.register(model_uri, NAME, {**tags, "acc_5w1s": accuracy}, "tiny omega", "team test").version
-    v2 = registry.register(model_uri, NAME, {**tags, "acc_5w1s": accuracy - 0.01}, "worse", "team test").version
+    method, model_uri, scored = train_and_log(tiny_pool, experiment, tmp_path / "omega")
+    # as evaluate@ + register@: an evaluation run (metric and per-task artifact, uploaded through the proxy) per version;
+    # v2 is the same omega evaluated again on the same tasks, so it cannot beat v1
+    v1, v2 = (register_evaluated(model_uri, NAME, scored["task_accuracies"], protocol="tiny", digest=scored["digest"],
+                                 experiment_id=experiment, tags={"method": "protonet"}, model_description="team test")
+              for _ in range(2))
 
     params = str(ROOT / "params.yaml")
     cli(["--params", params, "promote", NAME, v1])
     assert f"promoted {NAME} v{v1}" in capsys.readouterr().out
     with pytest.raises(SystemExit) as refused:
         cli(["--params", params, "promote", NAME, v2])
-    assert refused.value.code == 2 and "does not beat" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert refused.value.code == 2 and err == (
+        f"error: refusing to promote {NAME} v{v2}: acc_5w1s {scored['accuracy']:.4f} vs production v{v1}'s {scored['accuracy']:.4f}: "
+        "difference +0.0000, 95% interval [+0.0000, +0.0000] (paired bootstrap over 20 shared tasks) (use --force to override)")
 
     # the registry lives in PostgreSQL, the weights in the server's artifact directory (uploaded through its proxy)
     with mlflow_server.database.connect() as connection:

@@ -13,12 +13,12 @@ import yaml
 from conftest import ROOT, class_images, load_stage as stage
 from test_fashion_mnist import write_idx
 
-from metaflowlib import registry
+from metaflowlib import registry, tracking
 from metaflowlib.adaptation import TTTModel
 from metaflowlib.config import CORRUPTION_NAMES, TentStrategy, parse_params
 from metaflowlib.data.corruptions import CORRUPTIONS
 from metaflowlib.data.fashion_mnist import FILES, IMAGES_MAGIC, LABELS_MAGIC
-from metaflowlib.errors import ConfigError, PayloadError, RegistryError
+from metaflowlib.errors import ConfigError, DataError, PayloadError, RegistryError
 from metaflowlib.models import BatchNorm2d
 from metaflowlib.tta.benchmark import adapter_options, evaluate_strategy
 from metaflowlib.tta.classifier import build_classifier
@@ -71,14 +71,17 @@ def test_data_source_model_strategies_report(project):
     trained = stage("tta_source").train_and_register(p, root)
     assert {k: (v["name"], v["version"], v["promoted"]) for k, v in trained.items()} == {
         "source": (SOURCE, "1", True), "ttt": (TTT, "1", True)}
-    production = stage("tta_model").resolve(p, root)
+    production = stage("production").resolve(p, root, "tta")
+    assert json.loads((root / "production" / "tta.json").read_text()) == production  # the file DVC hashes
+    assert set(production) == {"source", "ttt"}  # no strategy here takes the learned optimizer
     assert production["ttt"] == {"name": TTT, "version": "1", "run_id": trained["ttt"]["run_id"], "uri": f"models:/{TTT}/1"}
 
-    stored = digests(root / "mlartifacts")
+    artifacts = tracking.store_root() / p.mlflow.artifact_location  # where stages put a local store's artifacts
+    stored = digests(artifacts)
     assert len(stored) == 2  # the two registered classifiers' weights
     tta = stage("tta")
     results = {key: tta.run(p, key, root) for key in p.tta.strategies}
-    assert digests(root / "mlartifacts") == stored  # adaptation never touches the registered weights
+    assert digests(artifacts) == stored  # adaptation never touches the registered weights
 
     tent = results["tent"]
     assert set(tent["error"]) == {"gaussian_noise", "fog"} and set(tent["error"]["fog"]) == {"1", "5"}
@@ -112,13 +115,13 @@ def test_data_source_model_strategies_report(project):
     ttt_model = model.unwrap_python_model().model
     assert isinstance(ttt_model, TTTModel) and ttt_model.rotation_logits(torch.zeros(2, 1, 28, 28)).shape == (2, 4)
 
-    # a person promotes another version: the stages refuse to adapt it until tta_model has recorded it
+    # a person promotes another version: the stages refuse to adapt it until production_tta has recorded it
     again = stage("tta_source").train_and_register(p, root)
     assert again["source"]["version"] == "2" and not again["source"]["promoted"]
     registry.promote(SOURCE, "2", "acc_clean", force=True)
     with pytest.raises(RegistryError, match=rf"names {SOURCE} v1 but {SOURCE} production is v2: run `dvc repro`"):
         tta.run(p, "bn", root)
-    assert stage("tta_model").resolve(p, root)["source"]["version"] == "2"
+    assert stage("production").resolve(p, root, "tta")["source"]["version"] == "2"
     assert tta.run(p, "bn", root)["batches"] == 10
 
 
@@ -130,12 +133,13 @@ def test_missing_production_alias_says_how_to_promote(project):
     assert not trained["source"]["promoted"] and registry.get_alias(SOURCE) is None
     message = f"{SOURCE} has no 'production' version; promote one with `metaflowlib promote {SOURCE} <version>`"
     with pytest.raises(RegistryError, match=message):
-        stage("tta_model").resolve(p, root)
-    with pytest.raises(RegistryError, match=message):
-        stage("tta").run(p, "tent", root)
+        stage("production").resolve(p, root, "tta")
+    assert not (root / "production" / "tta.json").exists()
+    with pytest.raises(DataError, match=r"production/tta.json is missing: run `dvc repro` \(its production_\* stage records"):
+        stage("tta").run(p, "tent", root)  # nothing recorded: the stage reads no alias of its own
     for name in (SOURCE, TTT):
         assert "promoted" in registry.promote(name, "1", "ignored: the version names its own gate metric")
-    assert stage("tta_model").resolve(p, root)["source"]["version"] == "1"
+    assert stage("production").resolve(p, root, "tta")["source"]["version"] == "1"
 
 
 def test_promotion_gate_compares_clean_accuracy(project):
@@ -143,7 +147,11 @@ def test_promotion_gate_compares_clean_accuracy(project):
     p = tiny_params(data)
     stage("tta_source").train_and_register(p, root)
     stage("tta_source").train_and_register(p, root)  # same seed: the same clean accuracy, which does not beat it
-    with pytest.raises(RegistryError, match=r"acc_clean (\d\.\d+) does not beat production v1's \1"):
+    clean = mlflow.get_run(registry.get_version(SOURCE, "1").run_id).data.metrics["acc_clean"]  # read from the run
+    # a classifier's clean accuracy has no per-task form: the candidate's point estimate must exceed production's
+    with pytest.raises(RegistryError, match=rf"refusing to promote {SOURCE} v2: acc_clean {clean:.4f} vs production v1's {clean:.4f}: "
+                                            r"v2 and v1 stored no per-task accuracies .* the candidate's point estimate must exceed "
+                                            r"production's \(use --force"):
         registry.promote(SOURCE, "2", "acc_5w1s")
 
 
