@@ -19,6 +19,7 @@ from torch import Tensor
 
 from metaflowlib.episodes import EpisodeIndices, TaskPool, fixed_episodes
 from metaflowlib.methods import MetaLearner
+from metaflowlib.progress import phase
 from metaflowlib.runtime import autocast
 
 
@@ -77,6 +78,7 @@ def evaluate_setting(
     method: MetaLearner, pool: TaskPool, features: TaskPool | None, ways: int, shots: int, queries: int,
     episodes: int, seed: int, batch_tasks: int, dtype: torch.dtype | None,
 ) -> SettingResult:
+    phase(f"scoring {ways}-way {shots}-shot, {episodes} tasks")
     indices = fixed_episodes(pool, episodes, ways, shots, queries, seed)
     accuracies = task_accuracies(method, features or pool, indices, batch_tasks, dtype)
     mean, ci = confidence_interval(accuracies)
@@ -85,6 +87,7 @@ def evaluate_setting(
 
 def adaptation_seconds(method: MetaLearner, pool: TaskPool, ways: int, shots: int, tasks: int, seed: int, dtype: torch.dtype | None) -> float:
     """Median wall time to go from one task's raw support images to theta_i (features + adapt)."""
+    phase(f"timing adaptation on {tasks} tasks")
     device = pool.examples.device
     indices = fixed_episodes(pool, tasks + 1, ways, shots, 1, seed)
     times = []
@@ -120,6 +123,8 @@ def evaluate_protocol(
     others are listed under `skipped_settings`), and its shots curve is N-way.
     """
     method.eval()
+    if method.per_example_features:
+        phase(f"embedding {len(pool.examples)} test images")
     features = embed_pool(method, pool, dtype) if method.per_example_features else None
     min_count = int(pool.counts.min())
     fixed = method.fixed_ways

@@ -117,6 +117,14 @@ def register(model_uri: str, name: str, tags: dict[str, Any], description: str, 
     return get_version(name, version.version)
 
 
+def register_stage_version(model_uri: str, name: str, tags: dict[str, Any], description: str, model_description: str,
+                           gate_metric: str, promote_first: bool) -> tuple[VersionInfo, str | None]:
+    """The one way a stage registers what it trained: a new version, promoted when `promote_first` (params
+    registry.promote_first) and no version of `name` is in production yet; returns it and what promotion said."""
+    version = register(model_uri, name, tags, description, model_description)
+    return version, promote_if_none(name, version.version, gate_metric) if promote_first else None
+
+
 def list_models() -> list[dict[str, Any]]:
     """Every registered model with its versions, aliases and gate metrics."""
     client = _client()

@@ -128,7 +128,7 @@ def train_and_register(p: Params, root: Path, pools: dict[str, ImagePool]) -> di
         write_curve(root / CURVE_FILE, history)
         mlflow.log_artifact(str(root / CURVE_FILE), "meta_training")
     name = p.registered_name(op.name)
-    version = registry.register(
+    version, promoted = registry.register_stage_version(
         model_uri, name,
         {GATE_METRIC: gate, registry.GATE_TAG: GATE_METRIC, "protocol": protocol(p), "kind": "lstm_optimizer",
          "meta_train_steps": len(history), "git_commit": tracking.git_commit()},
@@ -136,8 +136,8 @@ def train_and_register(p: Params, root: Path, pools: dict[str, ImagePool]) -> di
         f"classifiers of Omniglot train classes and Fashion-MNIST classes {list(op.fashion.train_classes)}; "
         f"validation loss drop at {op.meta_train.horizon} steps {gate:.4f}",
         "Learned LSTM optimizer (Andrychowicz et al. 2016): predict({'gradients': float [T, N]}) -> updates [T, N]",
+        GATE_METRIC, p.registry.promote_first,
     )
-    promoted = registry.promote_if_none(name, version.version, GATE_METRIC) if p.registry.promote_first else None
     out = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "model_uri": model_uri, "name": name,
            "version": version.version, "promoted": promoted is not None, **costs}
     write_json(root / RUN_FILE, out)

@@ -37,8 +37,8 @@ def main() -> None:
     model_description = mp.description or f"{mp.kind} on {p.data.name}: predict(support_images, support_labels, query_images) -> labels"
 
     tracking.configure(p.mlflow.tracking_uri)
-    version = registry.register(train["model_uri"], name, tags, description, model_description)
-    promoted = registry.promote_if_none(name, version.version, p.registry.gate_metric) if p.registry.promote_first else None
+    version, promoted = registry.register_stage_version(train["model_uri"], name, tags, description, model_description,
+                                                        p.registry.gate_metric, p.registry.promote_first)
     write_json(ROOT / "registry" / f"{key}.json", {"name": name, "version": version.version, "run_id": train["run_id"],
                                                   "model_uri": train["model_uri"], "promoted": promoted is not None})
     print(f"register@{key}: {name} version {version.version}" + (f"; {promoted}" if promoted else

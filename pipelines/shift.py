@@ -34,6 +34,7 @@ from metaflowlib.episodes import TaskPool, fixed_episodes
 from metaflowlib.errors import ConfigError
 from metaflowlib.evaluate import task_accuracies
 from metaflowlib.io import write_json
+from metaflowlib.progress import phase
 from metaflowlib.runtime import resolve_device, seed_everything
 from metaflowlib.serving.log import unwrap_registered
 from metaflowlib.serving.pyfunc import FewShotModel
@@ -63,6 +64,7 @@ def main() -> None:
     results: dict[str, dict[str, dict[str, float]]] = {strategy: {} for strategy in strategies}
     indices = None
     for corruption in (CLEAN, *s.corruptions):
+        phase(f"{corruption}: corrupting the test split and adapting {s.tasks} tasks per strategy")
         shifted = images if corruption == CLEAN else corrupt(images, corruption, s.severity, s.seed)
         pool = TaskPool(to_model_input(shifted, size).to(device), torch.from_numpy(labels), name=f"test/{corruption}")
         if indices is None:  # one class layout, so the same tasks under every corruption

@@ -74,14 +74,14 @@ def train_and_register(p: Params, root: Path) -> dict:
             directory = save_classifier(model, root / MODELS / kind, kind, config, extra={"run_id": run.info.run_id})
             model_uri = log_classifier_model(directory, IMAGE_SIZE)
         name = p.tta.registered_name(kind)
-        version = registry.register(
+        version, promoted = registry.register_stage_version(
             model_uri, name,
             {GATE_METRIC: clean, registry.GATE_TAG: GATE_METRIC, "protocol": "fashion-mnist", "kind": kind,
              "git_commit": tracking.git_commit()},
             f"{kind} classifier, {t.epochs} epochs on {len(labels)} Fashion-MNIST train images; clean test accuracy {clean:.4f}",
             DESCRIPTIONS[kind] + "; predict({'images': uint8 [N, 28, 28]}) -> labels, probabilities",
+            GATE_METRIC, p.registry.promote_first,
         )
-        promoted = registry.promote_if_none(name, version.version, GATE_METRIC) if p.registry.promote_first else None
         out[kind] = {"name": name, "version": version.version, "run_id": run.info.run_id, "model_uri": model_uri,
                      "promoted": promoted is not None, **costs}
     write_json(root / RUNS_FILE, out)

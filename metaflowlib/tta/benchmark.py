@@ -23,6 +23,7 @@ from torch import nn
 from metaflowlib.adaptation import OptimizerFactory, build_adapter
 from metaflowlib.config import GradientStrategy, StrategyParams
 from metaflowlib.optim.learned import LearnedOptimizer, LSTMOptimizerNet
+from metaflowlib.progress import phase
 from metaflowlib.runtime import rss_peak_mb
 from metaflowlib.tta.classifier import to_input
 from metaflowlib.tta.shifted import ShiftedSet
@@ -136,7 +137,8 @@ def evaluate_strategy(
     chunks = torch.arange(len(labels)).tensor_split(-(-len(labels) // batch_size))
     batch_ms: list[float] = []
 
-    def error(images: np.ndarray) -> float:
+    def error(images: np.ndarray, name: str) -> float:
+        phase(f"{kind} on {name}: {len(labels)} images in {len(chunks)} batches")
         adapter.reset()
         wrong = 0
         for index in chunks:
@@ -150,7 +152,7 @@ def evaluate_strategy(
         return wrong / len(labels)
 
     (baseline, memory_kind), start = _start_memory(device), time.perf_counter()
-    errors = {c: {s: error(shifted.images(c, s)) for s in shifted.severities} for c in shifted.corrupted}
-    clean = error(shifted.clean)
+    errors = {c: {s: error(shifted.images(c, s), f"{c} severity {s}") for s in shifted.severities} for c in shifted.corrupted}
+    clean = error(shifted.clean, "clean images")
     return StrategyResult(errors, clean, batch_ms, time.perf_counter() - start,
                           _peak_memory(device, memory_kind) - baseline, memory_kind, adapted)
