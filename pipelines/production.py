@@ -79,11 +79,11 @@ def resolve(p: Params, root: Path, consumer: str, key: str | None = None) -> dic
 def recorded(p: Params, root: Path, consumer: str, key: str | None = None) -> dict[str, dict]:
     """What the watcher recorded for `consumer` (role -> name, version, run id, uri), checked against the aliases
     now: a consumer adapts exactly the versions DVC tracked, and refuses when production moved since."""
-    file = path(consumer, key)
+    expected, file = roles(p, consumer, key), path(consumer, key)
     if not (root / file).is_file():
         raise DataError(f"{root / file} is missing: run `dvc repro` (its production_* stage records the production versions)")
     references = read_json(root / file)
-    for role, name in roles(p, consumer, key).items():
+    for role, name in expected.items():
         reference = references.get(role)
         current = registry.require_production(name)
         if reference is None or reference["name"] != name or reference["version"] != current.version:

@@ -31,7 +31,6 @@ from metaflowlib.data.corruptions import corrupt
 from metaflowlib.data.preprocess import to_model_input
 from metaflowlib.data.store import load_split
 from metaflowlib.episodes import TaskPool, fixed_episodes
-from metaflowlib.errors import ConfigError
 from metaflowlib.evaluate import task_accuracies
 from metaflowlib.io import write_json
 from metaflowlib.progress import phase
@@ -47,8 +46,6 @@ def main() -> None:
 
     p, key = params(), method_key()
     s = p.shift
-    if key not in s.methods:
-        raise ConfigError(f"'{key}' is not in shift.methods ({', '.join(s.methods)})")
     device = resolve_device(p.device)
     seed_everything(p.seed)
     tracking.configure(p.mlflow.tracking_uri)
