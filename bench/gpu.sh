@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/gpu-out}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"  # the library and the harness, uninstalled
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
@@ -19,7 +19,7 @@ fi
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>/dev/null
   python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)"
-  python3 -m metaflowlib.benchmarks --device "$DEVICE" --data .devdata --out "$OUT/bench" $QUICK \
+  python3 -m metaflowlib_bench --device "$DEVICE" --data .devdata --out "$OUT/bench" $QUICK \
     ${PROTONET_SECONDS:+--protonet-seconds $PROTONET_SECONDS} ${MAML_SECONDS:+--maml-seconds $MAML_SECONDS}
   echo "bench exit $?"
   python3 bench/maml_memory.py --device "$DEVICE" --out "$OUT/maml_memory" --ratio-steps 1 \

@@ -8,45 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-from collections.abc import Callable
-from pathlib import Path
 
-from metaflowlib.errors import Interrupted, MetaflowError
-
-
-def _terminated(number: int, frame: object) -> None:
-    raise Interrupted(f"stopped by {signal.Signals(number).name}", number)
-
-
-def run_guarded(main: Callable[[], None]) -> None:
-    """Run a command or stage: a MetaflowError becomes a one-line message and exit code 2 (128 + signal if interrupted);
-    its output is line-buffered, with a line naming its phase after 30 s of silence (metaflowlib.progress).
-
-    SIGTERM unwinds like Ctrl-C, so an open MLflow run is ended (FAILED) instead of
-    being left RUNNING; the training loop installs its own handler to checkpoint first.
-    """
-    from metaflowlib.progress import heartbeat
-    from metaflowlib.tracking import quiet_environment
-
-    quiet_environment()
-    signal.signal(signal.SIGTERM, _terminated)
-    try:
-        with heartbeat(_name()):
-            main()
-    except MetaflowError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(getattr(error, "exit_code", 2)) from None
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
-
-
-def _name() -> str:
-    """How progress lines name what runs: `pipelines/evaluate.py protonet` -> 'evaluate@protonet'."""
-    stem = Path(sys.argv[0]).stem
-    return f"{stem}@{'-'.join(sys.argv[1:])}" if len(sys.argv) > 1 and stem != "metaflowlib" else stem
+from metaflowlib.entry import run_guarded
+from metaflowlib.errors import MetaflowError
 
 
 def _configure(args: argparse.Namespace):

@@ -422,7 +422,7 @@ class TTAParams(Strict):
 
 
 # The learned LSTM optimizer (issue 5): the `optimizer:` section, read by stages optimizer_train and optimizer_eval.
-OPTIMIZEE_ARCHITECTURES = ("mlp", "conv", "mlp2")  # metaflowlib.optim.tasks.ARCHITECTURES, repeated so params load without torch
+OPTIMIZEE_ARCHITECTURES = ("mlp", "conv", "mlp2")  # metaflowlib.learned_optimizer.tasks.ARCHITECTURES, repeated so params load without torch
 FASHION_MNIST_CLASSES = 10
 
 

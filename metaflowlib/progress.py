@@ -1,7 +1,7 @@
 """Progress of a running stage or command: lines that arrive when they are printed, and never 30 s of silence.
 
 `dvc repro > log` makes stdout a file, which Python buffers in blocks: a stage's lines then reached
-the log minutes late. `heartbeat` (entered by `cli.run_guarded`, which every stage and command runs
+the log minutes late. `heartbeat` (entered by `entry.run_guarded`, which every stage and command runs
 through) makes stdout and stderr line-buffered and, while the work runs, prints
 `<name>: <phase> (<elapsed>)` whenever nothing was printed for `every` seconds. Code that works
 for a while names what it is doing with `phase("scoring 5w1s, 1000 tasks")`; the training loop's

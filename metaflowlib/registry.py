@@ -194,7 +194,7 @@ def _natural(key: str) -> list[int | str]:
 
 
 # input key of a stored example -> (output key, the shape that output must have): a few-shot model labels a
-# task's queries, a classifier (metaflowlib.tta) a batch of images, a learned optimizer (metaflowlib.optim)
+# task's queries, a classifier (metaflowlib.tta) a batch of images, a learned optimizer (metaflowlib.learned_optimizer)
 # answers a gradient sequence with one update per coordinate and step
 SMOKE_CONTRACTS = {
     "query_images": ("labels", lambda x: (len(x),)),

@@ -333,7 +333,7 @@ def write_plot_data(data: dict[str, dict[str, list[dict[str, Any]]]], directory:
 
 def optimizer_markdown(report: dict[str, Any]) -> str:
     """The optimizer_eval stage's pooled tables (its metrics/learned_optimizer/report.json) and curves, linked."""
-    from metaflowlib.optim.report import table
+    from metaflowlib.learned_optimizer.report import table
 
     horizons = [f"{m}x" for m in report["multiples"]]
     lines = ["", "## Learned optimizer vs Adam", "",

@@ -10,29 +10,11 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from metaflowlib.entry import quiet_environment
 from metaflowlib.errors import MetaflowError
 
 if TYPE_CHECKING:  # torch is imported where a run's device is described, not by every stage that tags a run
     import torch
-
-QUIET_ENV = {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",  # an unreachable server fails now, not after minutes of retries
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    "MLFLOW_LOGGING_LEVEL": "WARNING",
-}
-
-
-def quiet_environment() -> None:
-    """No telemetry, no retry storms, no progress bars or hint nags from MLflow in stage logs."""
-    import warnings
-
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    warnings.filterwarnings("ignore", message=".*type hint.*", category=UserWarning)
-
 
 def configure(tracking_uri: str) -> str:
     """Point MLflow at `tracking_uri` after checking it can be reached; returns the URI used.

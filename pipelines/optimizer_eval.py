@@ -23,11 +23,11 @@ from production import LEARNED, recorded
 from metaflowlib import tracking
 from metaflowlib.config import Params
 from metaflowlib.io import atomic_path, write_json
-from metaflowlib.optim.benchmark import compare, evaluation_report, tune_lr
-from metaflowlib.optim.functional import SGD, Adam
-from metaflowlib.optim.report import flat_metrics, markdown, plot, write_curves
-from metaflowlib.optim.suites import evaluation_suites, load_pools, tuning_tasks
-from metaflowlib.optim.tasks import ImagePool
+from metaflowlib.learned_optimizer.benchmark import compare, evaluation_report, tune_lr
+from metaflowlib.methods.inner_optimizers import SGD, Adam
+from metaflowlib.learned_optimizer.report import flat_metrics, markdown, plot, write_curves
+from metaflowlib.learned_optimizer.suites import evaluation_suites, load_pools, tuning_tasks
+from metaflowlib.learned_optimizer.tasks import ImagePool
 from metaflowlib.runtime import resolve_device, seed_everything
 
 METRICS = Path("metrics") / "learned_optimizer"
@@ -41,7 +41,7 @@ def evaluate_production(p: Params, root: Path, pools: dict[str, ImagePool],
     """Tune the baselines, run every optimizer on every suite, write and log the report; returns eval.json's content."""
     import mlflow
 
-    from metaflowlib.optim.pyfunc import load_registered
+    from metaflowlib.learned_optimizer.pyfunc import load_registered
 
     op, e, horizon = p.optimizer, p.optimizer.evaluate, p.optimizer.meta_train.horizon
     device = resolve_device(p.device)

@@ -23,7 +23,7 @@ from metaflowlib.episodes import fixed_episodes
 from metaflowlib.errors import ConfigError
 from metaflowlib.evaluate import confidence_interval, task_accuracies
 from metaflowlib.io import write_json
-from metaflowlib.optim.pyfunc import load_registered
+from metaflowlib.learned_optimizer.pyfunc import load_registered
 from metaflowlib.runtime import resolve_device, seed_everything
 from metaflowlib.serving.log import unwrap_registered
 from metaflowlib.serving.pyfunc import FewShotModel

@@ -22,15 +22,15 @@ from metaflowlib import registry, tracking
 from metaflowlib.config import Params
 from metaflowlib.errors import DivergenceError, Interrupted
 from metaflowlib.io import atomic_path, write_json
-from metaflowlib.optim.benchmark import run_trajectory
-from metaflowlib.optim.learned import LSTMOptimizerNet, save_optimizer
-from metaflowlib.optim.meta_train import meta_train_optimizer
-from metaflowlib.optim.suites import (
+from metaflowlib.learned_optimizer.benchmark import run_trajectory
+from metaflowlib.learned_optimizer.learned import LSTMOptimizerNet, save_optimizer
+from metaflowlib.learned_optimizer.meta_train import meta_train_optimizer
+from metaflowlib.learned_optimizer.suites import (
     load_pools,
     meta_training_distribution,
     validation_tasks,
 )
-from metaflowlib.optim.tasks import ImagePool
+from metaflowlib.learned_optimizer.tasks import ImagePool
 from metaflowlib.runtime import resolve_device, seed_everything
 
 MODEL_DIR = Path("models") / "learned_optimizer"
@@ -100,7 +100,7 @@ def train_and_register(p: Params, root: Path, pools: dict[str, ImagePool]) -> di
     """Meta-train, validate, save, log and register; returns what runs/learned_optimizer/train.json records."""
     import mlflow
 
-    from metaflowlib.optim.pyfunc import log_optimizer_model
+    from metaflowlib.learned_optimizer.pyfunc import log_optimizer_model
 
     op = p.optimizer
     device = resolve_device(p.device)

@@ -26,7 +26,7 @@ from production import recorded
 import torch
 
 from metaflowlib import tracking
-from metaflowlib.adaptation.fewshot import adapted_task_accuracies, shift_result
+from metaflowlib.tta.fewshot import adapted_task_accuracies, shift_result
 from metaflowlib.data.corruptions import corrupt
 from metaflowlib.data.preprocess import to_model_input
 from metaflowlib.data.store import load_split

@@ -48,7 +48,7 @@ def run(p: Params, key: str, root: Path) -> dict:
     seed_everything(p.tta.seed)
     learned = None
     if getattr(strategy, "optimizer", None) == "learned":
-        from metaflowlib.optim.pyfunc import load_registered as load_optimizer
+        from metaflowlib.learned_optimizer.pyfunc import load_registered as load_optimizer
 
         learned = load_optimizer(references[LEARNED]["uri"]).to(device).eval()
     result = evaluate_strategy(strategy.kind, model, adapter_options(strategy, learned), shifted, strategy.batch_size, device,

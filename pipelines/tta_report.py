@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from _stage import ROOT, params, run_guarded
-from tta import METRICS, RUNS
+from _stage import ROOT, declared, params, run_guarded
 
 from metaflowlib.config import Params
 from metaflowlib.errors import DataError
 from metaflowlib.io import atomic_path, read_json, write_json
 from metaflowlib.tta.report import build_report, markdown, plot
 
-REPORT = Path("metrics") / "tta"
+METRICS, RUNS = declared("tta_report", "metrics/*/strategies"), declared("tta_report", "runs/*/strategies")
+REPORT = declared("tta_report", "*/report.json").parent
 
 
 def report(p: Params, root: Path) -> dict:

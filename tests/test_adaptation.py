@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from metaflowlib.adaptation import (
+from metaflowlib.tta.strategies import (
     STRATEGIES,
     BNAdapter,
     SourceAdapter,
@@ -22,7 +22,7 @@ from metaflowlib.adaptation import (
     joint_loss,
     rotate_batch,
 )
-from metaflowlib.adaptation.base import batchnorm_layers
+from metaflowlib.tta.strategies.base import batchnorm_layers
 from metaflowlib.models import BatchNorm2d
 
 CLASSES = 5

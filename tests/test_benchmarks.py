@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import class_images
 
-from metaflowlib.benchmarks import cases, peers
-from metaflowlib.benchmarks.suite import main, markdown, ratios, run_isolated
-from metaflowlib.benchmarks.timing import rate, spread
+from metaflowlib_bench import cases, peers
+from metaflowlib_bench.suite import main, markdown, ratios, run_isolated
+from metaflowlib_bench.timing import rate, spread
 from metaflowlib.episodes import fixed_episodes
 
 
@@ -131,7 +131,7 @@ def test_ratios_pair_ours_with_each_peer_on_the_same_episode_shape() -> None:
 
 
 def test_cpu_peak_memory_is_the_regions_own_even_after_a_higher_peak() -> None:
-    from metaflowlib.benchmarks.timing import PeakMemory
+    from metaflowlib_bench.timing import PeakMemory
 
     def touch(megabytes: int) -> None:  # fresh pages from the OS (an allocator could reuse resident ones)
         with mmap.mmap(-1, megabytes * 2**20) as pages:

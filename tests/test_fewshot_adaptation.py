@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from metaflowlib.adaptation.fewshot import TaskClassifier, adapted_task_accuracies
+from metaflowlib.tta.fewshot import TaskClassifier, adapted_task_accuracies
 from metaflowlib.episodes import fixed_episodes
 from metaflowlib.evaluate import embed_pool, task_accuracies
 from metaflowlib.methods import MAML, ParameterPredictor, ProtoNet
@@ -43,7 +43,7 @@ def test_bn_normalizes_with_the_tasks_own_images(tiny_pool):
     episode = tiny_pool.gather(fixed_episodes(tiny_pool, 1, 5, 2, 3, seed=2))
     model = TaskClassifier(method, episode.support_x[0], episode.support_y[0], 5)
     shifted = episode.query_x[0] * 0.3 + 0.5  # a contrast change
-    from metaflowlib.adaptation import build_adapter
+    from metaflowlib.tta.strategies import build_adapter
 
     source = build_adapter("source", model).predict(shifted)
     bn = build_adapter("bn", model).predict(shifted)
@@ -68,7 +68,7 @@ def test_tent_changes_only_a_copy_and_only_batchnorm_affine(tiny_pool, make):
     assert all(torch.equal(v, before[k]) for k, v in method.state_dict().items())  # the registered weights never move
 
     episode = tiny_pool.gather(indices.batches(1)[0])
-    from metaflowlib.adaptation import TentAdapter
+    from metaflowlib.tta.strategies import TentAdapter
 
     adapter = TentAdapter(TaskClassifier(method, episode.support_x[0], episode.support_y[0], 5), steps=3,
                           optimizer=lambda p: torch.optim.SGD(p, lr=1.0))

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from metaflowlib.errors import DivergenceError, MetaflowError
-from metaflowlib.optim import (
-    SGD,
-    Adam,
+from metaflowlib.methods.inner_optimizers import SGD, Adam
+from metaflowlib.learned_optimizer import (
     LearnedOptimizer,
     LSTMOptimizerNet,
     OptimizeeTask,

@@ -13,7 +13,7 @@ from metaflowlib.methods import FOMAML, IMAML, MAML, METHODS, Reptile, build_met
 from metaflowlib.methods.imaml import conjugate_gradient, implicit_gradient
 from metaflowlib.methods.inner_loop import inner_loop
 from metaflowlib.models import Conv4
-from metaflowlib.optim.functional import SGD
+from metaflowlib.methods.inner_optimizers import SGD
 
 WAYS, SHOTS, QUERIES, TASKS, SIDE, HIDDEN = 3, 2, 3, 3, 16, 4
 SMALL = dict(ways=WAYS, hidden=HIDDEN, image_size=SIDE)

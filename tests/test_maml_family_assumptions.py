@@ -20,7 +20,7 @@ from metaflowlib.episodes import EpisodeSampler, TaskPool
 from metaflowlib.methods import IMAML, Reptile, build_method
 from metaflowlib.methods.imaml import conjugate_gradient, implicit_gradient
 from metaflowlib.methods.inner_loop import inner_loop
-from metaflowlib.optim.functional import SGD
+from metaflowlib.methods.inner_optimizers import SGD
 from metaflowlib.train import build_meta_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

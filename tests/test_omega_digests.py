@@ -54,9 +54,9 @@ from metaflowlib.evaluate import embed_pool, evaluate_setting
 from metaflowlib.io import WEIGHTS_FILE, sha256_file
 from metaflowlib.methods import ProtoNet, build_method
 from metaflowlib.models import conv4_output_dim
-from metaflowlib.optim.learned import LSTMOptimizerNet, save_optimizer
-from metaflowlib.optim.meta_train import meta_train_optimizer
-from metaflowlib.optim.suites import build_pools, meta_training_distribution
+from metaflowlib.learned_optimizer.learned import LSTMOptimizerNet, save_optimizer
+from metaflowlib.learned_optimizer.meta_train import meta_train_optimizer
+from metaflowlib.learned_optimizer.suites import build_pools, meta_training_distribution
 from metaflowlib.pretrain import pretrain_feature_map
 from metaflowlib.runtime import resolve_device, resolve_precision, seed_everything
 from metaflowlib.train import MetaTrainer, build_meta_optimizer

@@ -15,8 +15,8 @@ from conftest import ROOT, class_images, load_stage as stage
 from metaflowlib import registry
 from metaflowlib.config import parse_params
 from metaflowlib.errors import ConfigError, DataError, DivergenceError, PayloadError, RegistryError
-from metaflowlib.optim.learned import LSTMOptimizerNet, save_optimizer
-from metaflowlib.optim.suites import build_pools
+from metaflowlib.learned_optimizer.learned import LSTMOptimizerNet, save_optimizer
+from metaflowlib.learned_optimizer.suites import build_pools
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NAME = "omniglot-vinyals-learned-optimizer"
@@ -128,7 +128,7 @@ def test_eval_without_production_says_how_to_get_one(tmp_path, mlflow_store, poo
 
 
 def test_pyfunc_replays_gradients_through_the_lstm_and_refuses_bad_payloads(tmp_path, mlflow_store):
-    from metaflowlib.optim.pyfunc import load_registered, log_optimizer_model
+    from metaflowlib.learned_optimizer.pyfunc import load_registered, log_optimizer_model
 
     torch.manual_seed(0)
     net = LSTMOptimizerNet(hidden_size=4)
@@ -169,7 +169,7 @@ def test_bad_optimizer_params_name_the_field(change, message):
 
 
 def test_a_seed_fixes_the_task_and_eval_pools_hold_no_meta_training_class(pools):
-    from metaflowlib.optim.suites import evaluation_suites, meta_training_distribution
+    from metaflowlib.learned_optimizer.suites import evaluation_suites, meta_training_distribution
 
     op = tiny_params().optimizer
     distribution = meta_training_distribution(op, pools)
@@ -182,9 +182,9 @@ def test_a_seed_fixes_the_task_and_eval_pools_hold_no_meta_training_class(pools)
 
 
 def test_a_diverging_run_is_cut_and_counted_never_averaged(pools):
-    from metaflowlib.optim.benchmark import run_trajectory, summarize
-    from metaflowlib.optim.functional import SGD
-    from metaflowlib.optim.suites import meta_training_distribution
+    from metaflowlib.learned_optimizer.benchmark import run_trajectory, summarize
+    from metaflowlib.methods.inner_optimizers import SGD
+    from metaflowlib.learned_optimizer.suites import meta_training_distribution
 
     task = meta_training_distribution(tiny_params().optimizer, pools).classifier_task(0)
     diverged = run_trajectory(task, SGD(1e6), steps=8, record_every=2, divergence_factor=10)

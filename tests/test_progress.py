@@ -34,7 +34,7 @@ def test_a_stage_writing_to_a_file_shows_each_line_before_it_ends(tmp_path):
     """`dvc repro > log`: stdout is a file, which Python would buffer in blocks until the stage ends."""
     script = tmp_path / "stage.py"
     script.write_text(
-        f"import sys, time\nsys.path.insert(0, {str(ROOT)!r})\nfrom metaflowlib.cli import run_guarded\n"
+        f"import sys, time\nsys.path.insert(0, {str(ROOT)!r})\nfrom metaflowlib.entry import run_guarded\n"
         "def main():\n    print('stage: loaded the test split')\n    time.sleep(30)\n"
         "run_guarded(main)\n")
     log = tmp_path / "log"

@@ -138,7 +138,7 @@ def test_the_package_and_its_script_are_installed():
     distribution = importlib.metadata.distribution("metaflowlib")
     assert distribution.version == metaflowlib.__version__
     scripts = {e.name: e.value for e in distribution.entry_points if e.group == "console_scripts"}
-    assert scripts == {"metaflowlib": "metaflowlib.cli:main", "metaflowlib-bench": "metaflowlib.benchmarks.suite:main"}
+    assert scripts == {"metaflowlib": "metaflowlib.cli:main", "metaflowlib-bench": "metaflowlib_bench.suite:main"}
     for script in scripts:
         assert shutil.which(script, path=str(Path(sys.executable).parent)), f"no {script} script next to this python"
 

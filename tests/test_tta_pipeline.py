@@ -14,7 +14,7 @@ from conftest import ROOT, class_images, load_stage as stage
 from test_fashion_mnist import write_idx
 
 from metaflowlib import registry, tracking
-from metaflowlib.adaptation import TTTModel
+from metaflowlib.tta.strategies import TTTModel
 from metaflowlib.config import CORRUPTION_NAMES, TentStrategy, parse_params
 from metaflowlib.data.corruptions import CORRUPTIONS
 from metaflowlib.data.fashion_mnist import FILES, IMAGES_MAGIC, LABELS_MAGIC
@@ -207,8 +207,8 @@ def test_params_tta_block():
 
 
 def test_tent_takes_the_learned_optimizer_as_its_update_rule():
-    from metaflowlib.adaptation import build_adapter
-    from metaflowlib.optim.learned import LSTMOptimizerNet
+    from metaflowlib.tta.strategies import build_adapter
+    from metaflowlib.learned_optimizer.learned import LSTMOptimizerNet
 
     torch.manual_seed(0)
     strategy = TentStrategy(kind="tent", optimizer="learned")

@@ -30,7 +30,7 @@ from metaflowlib.methods.base import MetaLearner
 from metaflowlib.models import Conv4, conv4_output_dim
 from metaflowlib.models.conv4 import Layout
 from metaflowlib.models.batchnorm import BatchNorm2d
-from metaflowlib.optim.functional import SGD, InnerOptimizer
+from metaflowlib.methods.inner_optimizers import SGD, InnerOptimizer
 
 Params = dict[str, Tensor]
 Vectorize = Literal["auto", "vmap", "loop"]
@@ -145,7 +145,7 @@ class InitializationLearner(MetaLearner):
     wrong logits make the head-body cross terms large). bench/results/maml_family_diagnostics/.
 
     `inner_optimizer` (default SGD(inner_lr), Finn et al. eq. 1) can be replaced by any
-    `metaflowlib.optim.InnerOptimizer` (init/step over parameter dicts), e.g. the
+    `metaflowlib.learned_optimizer.InnerOptimizer` (init/step over parameter dicts), e.g. the
     learned LSTM optimizer at test time.
 
     Args (shared by every subclass):

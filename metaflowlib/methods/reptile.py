@@ -25,7 +25,7 @@ from metaflowlib.episodes import Episode
 from metaflowlib.methods.base import StepStats, accuracy, query_cross_entropy
 from metaflowlib.models.conv4 import Layout
 from metaflowlib.methods.inner_loop import HeadInit, InitializationLearner, Params, Vectorize
-from metaflowlib.optim.functional import SGD, Adam
+from metaflowlib.methods.inner_optimizers import SGD, Adam
 
 InnerOptimizerName = Literal["sgd", "adam"]
 

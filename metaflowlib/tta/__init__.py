@@ -1,5 +1,3 @@
-"""Test-time adaptation as a benchmark: source classifiers, shifted test sets, the evaluation, the report.
-
-The strategies themselves live in `metaflowlib.adaptation`; this package feeds
-them registered models and corrupted data and measures error and cost.
+"""Test-time adaptation: the strategies (`strategies/`: source, bn, tent, ttt), their few-shot use
+(`fewshot`), the source classifiers they start from, shifted test sets, the benchmark and its report.
 """

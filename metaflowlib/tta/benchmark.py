@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from metaflowlib.adaptation import OptimizerFactory, build_adapter
+from metaflowlib.tta.strategies import OptimizerFactory, build_adapter
 from metaflowlib.config import GradientStrategy, StrategyParams
-from metaflowlib.optim.learned import LearnedOptimizer, LSTMOptimizerNet
+from metaflowlib.learned_optimizer.learned import LearnedOptimizer, LSTMOptimizerNet
 from metaflowlib.progress import phase
 from metaflowlib.runtime import rss_peak_mb
 from metaflowlib.tta.classifier import to_input

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaflowlib.adaptation import TTTModel, joint_loss
+from metaflowlib.tta.strategies import TTTModel, joint_loss
 from metaflowlib.errors import DataError
 from metaflowlib.io import CONFIG_FILE, WEIGHTS_FILE, read_tensor_dir, write_tensor_dir
 from metaflowlib.models import Conv4, conv4_output_dim

@@ -3,7 +3,7 @@
 For a per-example method (ProtoNet, parameter prediction) one task is a
 classifier of its own: `TaskClassifier` embeds the task's support and query
 images in one batch, adapts on the support (theta_i) and returns the query
-logits. Any strategy of `metaflowlib.adaptation` can then wrap it, and sees
+logits. Any strategy of `metaflowlib.tta.strategies` can then wrap it, and sees
 the task's images as its test batch: `bn` normalizes with the statistics of
 support + query, `tent` minimizes the entropy of the query predictions over
 the embedding's BatchNorm affine parameters. Each task gets a fresh adapter
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metaflowlib.adaptation import build_adapter
+from metaflowlib.tta.strategies import build_adapter
 from metaflowlib.episodes import EpisodeIndices, TaskPool
 from metaflowlib.evaluate import confidence_interval
 from metaflowlib.methods import MetaLearner

@@ -1,7 +1,7 @@
 """The benchmark run: which cases, at which sizes, on this device; ours/peer ratios; JSON and a markdown table.
 
-    python -m metaflowlib.benchmarks --out bench/results/cpu            # everything that fits this device
-    python -m metaflowlib.benchmarks --out /tmp/b --only maml_training --quick
+    python -m metaflowlib_bench --out bench/results/cpu            # everything that fits this device
+    python -m metaflowlib_bench --out /tmp/b --only maml_training --quick
 
 Every ratio comes from one run (these machines are noisy; absolute times from
 different runs are not comparable). On a CPU each case runs in a fresh
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from metaflowlib.benchmarks import cases, peers
+from metaflowlib_bench import cases, peers
 from metaflowlib.runtime import device_name, resolve_device
 
 Row = dict[str, Any]
@@ -69,7 +69,7 @@ def plan(device: torch.device, quick: bool, seconds: dict[str, float], maml_task
 
 def run_isolated(config: Row, pools_path: Path) -> Row:
     """`cases.run_case` in a fresh interpreter: its peak memory and imports are its own."""
-    command = [sys.executable, "-m", "metaflowlib.benchmarks", "--worker", json.dumps(config), "--pools", str(pools_path)]
+    command = [sys.executable, "-m", "metaflowlib_bench", "--worker", json.dumps(config), "--pools", str(pools_path)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{config['case']} failed:\n{done.stderr[-3000:]}")
@@ -151,7 +151,7 @@ def write(results: Row, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m metaflowlib.benchmarks", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m metaflowlib_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="results folder (results.json, summary.md, profile_*.txt)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data", help="data root holding omniglot/ (default: $METAFLOWLIB_DATA, ../shared/data)")

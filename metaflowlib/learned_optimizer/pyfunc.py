@@ -24,7 +24,7 @@ class LearnedOptimizerModel(mlflow.pyfunc.PythonModel):
     """Replays a gradient sequence through the stored LSTM optimizer."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from metaflowlib.optim.learned import load_optimizer
+        from metaflowlib.learned_optimizer.learned import load_optimizer
 
         self.net = load_optimizer(context.artifacts["optimizer"]).eval()
 

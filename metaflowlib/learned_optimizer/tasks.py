@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metaflowlib.errors import DataError
-from metaflowlib.optim.meta_train import OptimizeeTask
+from metaflowlib.learned_optimizer.meta_train import OptimizeeTask
 
 ARCHITECTURES = ("mlp", "conv", "mlp2")
 

@@ -2,6 +2,6 @@
 
 import mlflow.models
 
-from metaflowlib.optim.pyfunc import LearnedOptimizerModel
+from metaflowlib.learned_optimizer.pyfunc import LearnedOptimizerModel
 
 mlflow.models.set_model(LearnedOptimizerModel())

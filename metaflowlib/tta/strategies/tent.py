@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from metaflowlib.adaptation.base import GradientAdapter, OptimizerFactory, entropy, require_batch, use_batch_statistics
+from metaflowlib.tta.strategies.base import GradientAdapter, OptimizerFactory, entropy, require_batch, use_batch_statistics
 
 
 def tent_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:

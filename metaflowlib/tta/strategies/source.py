@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from metaflowlib.adaptation.base import Adapter
+from metaflowlib.tta.strategies.base import Adapter
 
 
 class SourceAdapter(Adapter):

@@ -1,7 +1,10 @@
-"""Optimizers: the inner-loop optimizer protocol, its hand-designed baselines, and the learned LSTM optimizer."""
+"""The learned LSTM optimizer (Andrychowicz et al. 2016), its meta-training, benchmark and report.
 
-from metaflowlib.optim.functional import SGD, Adam, InnerOptimizer
-from metaflowlib.optim.learned import (
+It speaks the inner-optimizer protocol of `metaflowlib.methods.inner_optimizers`, next to the methods
+that drive it; nothing below `metaflowlib.methods` imports this package.
+"""
+
+from metaflowlib.learned_optimizer.learned import (
     LearnedOptimizer,
     LSTMOptimizerNet,
     LSTMState,
@@ -9,7 +12,7 @@ from metaflowlib.optim.learned import (
     preprocess_gradient,
     save_optimizer,
 )
-from metaflowlib.optim.meta_train import (
+from metaflowlib.learned_optimizer.meta_train import (
     OptimizeeTask,
     TaskFactory,
     classifier_task,
@@ -20,9 +23,6 @@ from metaflowlib.optim.meta_train import (
 )
 
 __all__ = [
-    "SGD",
-    "Adam",
-    "InnerOptimizer",
     "LearnedOptimizer",
     "LSTMOptimizerNet",
     "LSTMState",

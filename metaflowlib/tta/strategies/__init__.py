@@ -7,11 +7,11 @@ from typing import Any
 
 from torch import nn
 
-from metaflowlib.adaptation.base import Adapter, GradientAdapter, OptimizerFactory, entropy
-from metaflowlib.adaptation.bn import BNAdapter
-from metaflowlib.adaptation.source import SourceAdapter
-from metaflowlib.adaptation.tent import TentAdapter, tent_optimizer
-from metaflowlib.adaptation.ttt import TTTAdapter, TTTModel, joint_loss, rotate_batch, rotation_loss, ttt_optimizer
+from metaflowlib.tta.strategies.base import Adapter, GradientAdapter, OptimizerFactory, entropy
+from metaflowlib.tta.strategies.bn import BNAdapter
+from metaflowlib.tta.strategies.source import SourceAdapter
+from metaflowlib.tta.strategies.tent import TentAdapter, tent_optimizer
+from metaflowlib.tta.strategies.ttt import TTTAdapter, TTTModel, joint_loss, rotate_batch, rotation_loss, ttt_optimizer
 
 STRATEGIES: dict[str, type[Adapter]] = {
     "source": SourceAdapter,

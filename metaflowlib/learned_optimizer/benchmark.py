@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from metaflowlib.errors import DivergenceError
-from metaflowlib.optim.functional import InnerOptimizer
-from metaflowlib.optim.tasks import ClassifierTask
+from metaflowlib.methods.inner_optimizers import InnerOptimizer
+from metaflowlib.learned_optimizer.tasks import ClassifierTask
 
 
 @dataclass(frozen=True)

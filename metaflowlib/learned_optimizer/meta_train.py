@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metaflowlib.errors import DataError, DivergenceError
-from metaflowlib.optim.functional import InnerOptimizer
-from metaflowlib.optim.learned import LSTMOptimizerNet, LSTMState
+from metaflowlib.methods.inner_optimizers import InnerOptimizer
+from metaflowlib.learned_optimizer.learned import LSTMOptimizerNet, LSTMState
 
 
 @dataclass(frozen=True)

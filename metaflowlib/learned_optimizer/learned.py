@@ -12,7 +12,7 @@ flattened and concatenated into one [N] vector, and the LSTM runs once per step.
 
 Three faces of the same mathematics:
 - `LSTMOptimizerNet.init_state` / `step`: functional and differentiable, the
-  shape of the inner-loop optimizer protocol (`metaflowlib.optim.functional`),
+  shape of the inner-loop optimizer protocol (`metaflowlib.methods.inner_optimizers`),
   used by meta-training and by MAML-style inner loops.
 - `LearnedOptimizer`: a `torch.optim.Optimizer` over any parameter list.
 - `save_optimizer` / `load_optimizer`: omega as safetensors + JSON, never pickle.

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metaflowlib.benchmarks import peers
-from metaflowlib.benchmarks.timing import (
+from metaflowlib_bench import peers
+from metaflowlib_bench.timing import (
     PeakMemory,
     rate,
     seconds_per_call,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from metaflowlib.adaptation.base import Adapter, require_batch, use_batch_statistics
+from metaflowlib.tta.strategies.base import Adapter, require_batch, use_batch_statistics
 
 
 class BNAdapter(Adapter):

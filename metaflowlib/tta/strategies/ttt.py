@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaflowlib.adaptation.base import (
+from metaflowlib.tta.strategies.base import (
     GradientAdapter,
     OptimizerFactory,
     require_batch,

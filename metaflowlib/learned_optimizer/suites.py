@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from metaflowlib.optim.tasks import (
+from metaflowlib.learned_optimizer.tasks import (
     ClassifierTask,
     ImagePool,
     TaskDistribution,

@@ -1,0 +1,3 @@
+from metaflowlib_bench.suite import main
+
+main()

@@ -1,3 +1,0 @@
-from metaflowlib.benchmarks.suite import main
-
-main()
