@@ -32,7 +32,7 @@ import torch
 from conftest import ROOT, register_evaluated
 from test_serving import payload
 
-from metaflowlib import registry, tracking
+from metaflowlib import entry, registry, tracking
 from metaflowlib.artifacts import save_meta_knowledge
 from metaflowlib.cli import main as cli
 from metaflowlib.episodes import EpisodeSampler
@@ -164,7 +164,7 @@ def mlflow_server(postgres: Postgres, tmp_path: Path) -> Iterator[Server]:
         process = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres.uri, "--serve-artifacts",
              "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            env={**os.environ, **tracking.QUIET_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no GenAI job workers
+            env={**os.environ, **entry.QUIET_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no GenAI job workers
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
 
@@ -259,7 +259,7 @@ def test_train_register_promote_and_serve_through_a_postgres_backed_server(mlflo
     np.savez(tmp_path / "task.npz", **task)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {**os.environ, **tracking.QUIET_ENV, "MLFLOW_TRACKING_URI": mlflow_server.url,
+    env = {**os.environ, **entry.QUIET_ENV, "MLFLOW_TRACKING_URI": mlflow_server.url,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}  # this checkout's model code
     loaded = subprocess.run([sys.executable, "-c", LOAD_AND_PREDICT, str(tmp_path / "task.npz"), f"models:/{NAME}@production"],
                             cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120, check=False)
