@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from metaflowlib.entry import quiet_environment
-from metaflowlib.errors import MetaflowError
+from metaflowlib.errors import Interrupted, MetaflowError
 
 if TYPE_CHECKING:  # torch is imported where a run's device is described, not by every stage that tags a run
     import torch
+    from mlflow import ActiveRun
+
+    from metaflowlib.config import Params
 
 def configure(tracking_uri: str) -> str:
     """Point MLflow at `tracking_uri` after checking it can be reached; returns the URI used.
@@ -219,3 +224,28 @@ def start_run(experiment: str, artifact_location: str, run_name: str, tags: dict
     location = str(store_root() / artifact_location)
     return mlflow.start_run(experiment_id=experiment_id(experiment, location), run_name=run_name,
                             tags={**run_tags(), **tags}, **kwargs)
+
+
+def own_tags(run: ActiveRun) -> dict[str, str]:
+    """The tags a stage gave its run (MLflow's own `mlflow.*` tags left out), for runs that inherit them."""
+    return {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
+
+
+@contextlib.contextmanager
+def stage_run(p: Params, stage: str, run_name: str, *, tags: dict[str, str] | None = None, params: dict[str, Any] | None = None,
+              device: torch.device | None = None, experiment: str | None = None, run_id: str | None = None) -> Iterator[ActiveRun]:
+    """The one way a stage opens its MLflow run: the store from params (`configure`), the experiment (params'
+    unless named), tags {stage, the DVC experiment, where it ran (`device`), `tags`}, `params` flattened (not
+    again when resuming `run_id`), and the run marked KILLED, not FAILED, when a signal stops the stage."""
+    import mlflow
+
+    configure(p.mlflow.tracking_uri)
+    tags = {"stage": stage, **(system_tags(device) if device is not None else {}), **(tags or {})}
+    with start_run(experiment or p.experiment, p.mlflow.artifact_location, run_name, tags, run_id=run_id) as run:
+        if params and run_id is None:
+            mlflow.log_params(flatten_params(params))
+        try:
+            yield run
+        except Interrupted:
+            mlflow.end_run(status="KILLED")
+            raise

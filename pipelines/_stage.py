@@ -15,9 +15,6 @@ sys.path.insert(0, str(ROOT))
 from metaflowlib.entry import run_guarded  # noqa: E402
 from metaflowlib.config import Params, load_params  # noqa: E402
 
-PREPARED = ROOT / "data" / "prepared"
-
-
 def params() -> Params:
     return load_params(ROOT / "params.yaml")
 
@@ -40,6 +37,9 @@ def declared(stage: str, pattern: str, **variables: str) -> Path:
     if len(found) != 1:
         raise LookupError(f"dvc.yaml stage {stage!r} declares {len(found)} paths matching {pattern!r}: {found}")
     return Path(found[0])
+
+
+PREPARED = ROOT / declared("prepare", "data/*")
 
 
 def method_key() -> str:

@@ -15,56 +15,15 @@ from __future__ import annotations
 
 import csv
 
-from _stage import PREPARED, ROOT, method_key, params, run_guarded
+from _stage import PREPARED, ROOT, declared, method_key, params, run_guarded
 
 from metaflowlib import tracking
 from metaflowlib.artifacts import load_meta_knowledge
 from metaflowlib.data.store import load_pool, log_splits
 from metaflowlib.evaluate import evaluate_protocol
+from metaflowlib.evaluation_log import INHERITED_TAGS, flat_metrics, log_evaluation
 from metaflowlib.io import atomic_path, read_json, write_json
 from metaflowlib.runtime import resolve_device, resolve_precision, seed_everything
-
-
-def flat_metrics(report: dict, train: dict) -> dict[str, float]:
-    """The numbers a reader compares: acc/ci per setting plus the costs of getting there."""
-    out = {}
-    for name, result in report["settings"].items():
-        out[f"acc_{name}"] = result["accuracy"]
-        out[f"ci95_{name}"] = result["ci95"]
-    for shots, result in report["shots_curve"].items():
-        out[f"curve_acc_5w{shots}s"] = result["accuracy"]
-    out["adaptation_ms_per_task"] = 1000 * report["adaptation_seconds_per_task"]
-    for key in ("meta_train_seconds", "peak_memory_mb", "episodes_per_second", "meta_parameters"):
-        out[key] = train[key]
-    if "pretrain_seconds" in train:  # a method built on a pre-trained feature map: its cost counts too
-        out["pretrain_seconds"] = train["pretrain_seconds"]
-    return out
-
-
-INHERITED_TAGS = ("method", "method_key", "profile", "dataset", "data_digest", "git_commit")  # from the training run: searchable together
-PER_TASK = "evaluation/per_task"
-
-
-def configurations(report: dict) -> dict[str, dict]:
-    """Every distinct configuration scored: the settings, then the shots-curve points they did not already score."""
-    out = dict(report["settings"])
-    seen = {result["digest"] for result in out.values()}
-    for result in report["shots_curve"].values():
-        if result["digest"] not in seen:
-            out[f"{result['ways']}w{result['shots']}s"] = result
-            seen.add(result["digest"])
-    return out
-
-
-def child_runs(report: dict, tags: dict[str, str]) -> dict[str, tuple[dict[str, str], dict[str, float]]]:
-    """Run name -> (tags, metrics) of the nested run per configuration: the evaluation run's tags (so a search by
-    method, profile or data digest finds them) and which tasks were scored."""
-    return {
-        f"evaluate/{name}": ({**tags, "setting": name, "ways": str(r["ways"]), "shots": str(r["shots"]),
-                              "queries": str(r["queries"]), "episodes": str(r["episodes"]), "episodes_digest": r["digest"]},
-                             {"accuracy": r["accuracy"], "ci95": r["ci95"]})
-        for name, r in configurations(report).items()
-    }
 
 
 def main() -> None:
@@ -75,8 +34,8 @@ def main() -> None:
     device = resolve_device(p.device)
     dtype = resolve_precision(p.train.precision, device)
     seed_everything(p.seed)
-    train = read_json(ROOT / "runs" / key / "train.json")
-    method, _ = load_meta_knowledge(ROOT / "models" / key, device)
+    train = read_json(ROOT / declared("evaluate", "runs/*/train.json", key=key))
+    method, _ = load_meta_knowledge(ROOT / declared("evaluate", "models/*", key=key), device)
     pool = load_pool(PREPARED, "test", p.data.image_size, device)
     report = evaluate_protocol(
         method, pool, p.settings(), episodes=e.episodes, queries=e.queries, seed=e.seed, batch_tasks=e.batch_tasks,
@@ -90,32 +49,27 @@ def main() -> None:
     training = mlflow.get_run(train["run_id"])
     model_id = train["model_uri"].removeprefix("models:/")
     tags = ({k: training.data.tags[k] for k in INHERITED_TAGS if k in training.data.tags}
-            | {"stage": f"evaluate@{key}", "evaluated_run_id": train["run_id"], "evaluated_model_id": model_id}
-            | {f"episodes_digest_{name}": d[:16] for name, d in digests.items()} | tracking.system_tags(device))
-    with tracking.start_run(p.experiment, p.mlflow.artifact_location, f"{key}-evaluate", tags) as run:
-        mlflow.log_params(tracking.flatten_params({"evaluate": e.model_dump(mode="json"), "precision": p.train.precision}))
+            | {"evaluated_run_id": train["run_id"], "evaluated_model_id": model_id}
+            | {f"episodes_digest_{name}": d[:16] for name, d in digests.items()})
+    with tracking.stage_run(p, f"evaluate@{key}", f"{key}-evaluate", tags=tags, device=device,
+                            params={"evaluate": e.model_dump(mode="json"), "precision": p.train.precision}) as run:
         log_splits(PREPARED, {"test": "testing"})
-        mlflow.log_metrics(metrics)
-        mlflow.log_metrics({k: v for k, v in metrics.items() if k.startswith(("acc_", "ci95_"))}, model_id=model_id)
-        mlflow.log_dict(report, "evaluation/report.json")
-        for name, accuracies in per_task.items():
-            mlflow.log_dict({"setting": name, "episodes_digest": digests[name], "task_accuracies": accuracies},
-                            f"{PER_TASK}/{name}.json")
-        children = tracking.log_child_runs(run.info.run_id, f"evaluate@{key}", child_runs(report, tags))
+        children = log_evaluation(run.info.run_id, f"evaluate@{key}", report, per_task, metrics, model_id, tracking.own_tags(run))
     superseded = tracking.supersede(run.info.run_id, {"stage": f"evaluate@{key}", "evaluated_run_id": train["run_id"]})
 
-    write_json(ROOT / "metrics" / key / "eval.json", {**metrics, "episodes": e.episodes, "episodes_digest": digests})
-    with atomic_path(ROOT / "metrics" / key / "shots_curve.csv") as tmp, open(tmp, "w", newline="") as handle:
+    eval_json = declared("evaluate", "metrics/*/eval.json", key=key)
+    write_json(ROOT / eval_json, {**metrics, "episodes": e.episodes, "episodes_digest": digests})
+    with atomic_path(ROOT / declared("evaluate", "metrics/*/shots_curve.csv", key=key)) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["shots", "accuracy", "ci95"])
         for shots, result in report["shots_curve"].items():
             writer.writerow([shots, result["accuracy"], result["ci95"]])
-    write_json(ROOT / "runs" / key / "evaluate.json", {"run_id": run.info.run_id, "evaluated_run_id": train["run_id"],
+    write_json(ROOT / declared("evaluate", "runs/*/evaluate.json", key=key), {"run_id": run.info.run_id, "evaluated_run_id": train["run_id"],
                                                        "child_runs": children, "superseded": superseded,
                                                        "episodes_digest": digests, "skipped_settings": report["skipped_settings"]})
     shown = "  ".join(f"{n} {100 * r['accuracy']:.2f}±{100 * r['ci95']:.2f}" for n, r in report["settings"].items())
     skipped = f"; skipped {', '.join(report['skipped_settings'])} (fixed {method.fixed_ways}-way head)" if report["skipped_settings"] else ""
-    print(f"evaluate@{key}: {shown} (%, {e.episodes} tasks each){skipped}; metrics/{key}/eval.json, MLflow run {run.info.run_id} "
+    print(f"evaluate@{key}: {shown} (%, {e.episodes} tasks each){skipped}; {eval_json}, MLflow run {run.info.run_id} "
           f"with {len(children)} nested runs" + (f" ({len(superseded)} earlier runs tagged superseded_by)" if superseded else ""))
 
 

@@ -17,85 +17,60 @@ import copy
 from collections.abc import Callable
 from pathlib import Path
 
-from _stage import PREPARED, ROOT, params, run_guarded
+from _stage import PREPARED, ROOT, declared, params, run_guarded
 from production import LEARNED, recorded
 
 from metaflowlib import tracking
 from metaflowlib.config import Params
 from metaflowlib.io import atomic_path, write_json
-from metaflowlib.learned_optimizer.benchmark import compare, evaluation_report, tune_lr
-from metaflowlib.methods.inner_optimizers import SGD, Adam
+from metaflowlib.learned_optimizer.benchmark import evaluate_against_baselines
 from metaflowlib.learned_optimizer.report import flat_metrics, markdown, plot, write_curves
-from metaflowlib.learned_optimizer.suites import evaluation_suites, load_pools, tuning_tasks
+from metaflowlib.learned_optimizer.suites import load_pools
 from metaflowlib.learned_optimizer.tasks import ImagePool
 from metaflowlib.runtime import resolve_device, seed_everything
 
-METRICS = Path("metrics") / "learned_optimizer"
-REPORTS = Path("reports") / "learned_optimizer"
-RUN_FILE = Path("runs") / "learned_optimizer" / "evaluate.json"
-ADAM_DEFAULT_LR = 1e-3  # Kingma & Ba's default
+OUT = {name: declared("optimizer_eval", f"*/{name}")
+       for name in ("report.json", "curves.csv", "summary.md", "curves.png", "eval.json", "evaluate.json")}
 
 
 def evaluate_production(p: Params, root: Path, pools: dict[str, ImagePool],
                         progress: Callable[[str], None] = print) -> dict:
-    """Tune the baselines, run every optimizer on every suite, write and log the report; returns eval.json's content."""
+    """Evaluate the production learned optimizer against the baselines, write and log the report; returns eval.json's content."""
     import mlflow
 
     from metaflowlib.learned_optimizer.pyfunc import load_registered
 
-    op, e, horizon = p.optimizer, p.optimizer.evaluate, p.optimizer.meta_train.horizon
+    op = p.optimizer
     device = resolve_device(p.device)
     seed_everything(op.seed)
-    tracking.configure(p.mlflow.tracking_uri)
+    tracking.configure(p.mlflow.tracking_uri)  # `recorded` checks the version against the registry
     info = recorded(p, root, "optimizer")[LEARNED]
     name, version = info["name"], info["version"]
     net = load_registered(info["uri"]).to(device)
-
-    tuning = tuning_tasks(op, pools, device)
-    factor = op.meta_train.divergence_factor
-    adam_lr, adam_scores = tune_lr(Adam, list(e.adam_lrs), tuning, horizon, factor)
-    sgd_lr, sgd_scores = tune_lr(lambda lr: SGD(lr, e.momentum), list(e.sgd_lrs), tuning, horizon, factor)
-    progress(f"optimizer_eval: tuned on {len(tuning)} tasks at {horizon} steps: Adam lr {adam_lr:g}, "
-             f"SGD(momentum {e.momentum:g}) lr {sgd_lr:g}")
-    optimizers = {"learned": net, "adam_default": Adam(ADAM_DEFAULT_LR), "adam_tuned": Adam(adam_lr),
-                  "sgd_momentum": SGD(sgd_lr, e.momentum)}
-    suites = evaluation_suites(op, pools, device)
-    runs = compare(optimizers, suites, horizon * max(e.horizons), e.record_every, factor,
-                   progress=lambda line: progress(f"optimizer_eval: {line}"))
-    seen = [s for s in suites if s.split("/")[1] in op.models]
-    groups = {"seen": seen, "unseen": [s for s in suites if s not in seen]}
-    report = evaluation_report(runs, horizon, sorted(e.horizons), groups)
-    chosen = {"adam_default": ADAM_DEFAULT_LR, "adam_tuned": adam_lr, "sgd_momentum": sgd_lr}
-    context = {"model": name, "version": version, "model_run_id": info["run_id"], "horizon": horizon,
-               "multiples": sorted(e.horizons), "tasks_per_suite": e.tasks, "lr": chosen, "momentum": e.momentum,
-               "tuning": {"tasks": len(tuning), "adam": _keyed(adam_scores), "sgd_momentum": _keyed(sgd_scores)}}
-    report |= context
+    report = evaluate_against_baselines(op, net, pools, device, progress=lambda line: progress(f"optimizer_eval: {line}"))
+    report |= {"model": name, "version": version, "model_run_id": info["run_id"]}
+    lr, e = report["lr"], op.evaluate
     header = [(f"Evaluated **{name} v{version}** (MLflow run {info['run_id']}). Meta-training horizon "
-              f"H = {horizon} optimizee steps; {e.tasks} held-out tasks per suite; mean ± std over tasks of the full "
-              f"training loss and the test accuracy at each multiple of H. Adam default lr {ADAM_DEFAULT_LR:g}; "
-              f"tuned on {len(tuning)} separate tasks at H: Adam lr {adam_lr:g}, SGD momentum {e.momentum:g} lr "
-              f"{sgd_lr:g}. 'update ms': the optimizer's step alone; 'step ms': gradient + update.")]
+              f"H = {report['horizon']} optimizee steps; {e.tasks} held-out tasks per suite; mean ± std over tasks of the full "
+              f"training loss and the test accuracy at each multiple of H. Adam default lr {lr['adam_default']:g}; "
+              f"tuned on {report['tuning']['tasks']} separate tasks at H: Adam lr {lr['adam_tuned']:g}, SGD momentum "
+              f"{e.momentum:g} lr {lr['sgd_momentum']:g}. 'update ms': the optimizer's step alone; 'step ms': gradient + update.")]
     titles = {"seen": f"Architectures seen in meta-training ({', '.join(op.models)}), pooled over both pools",
               "unseen": f"Unseen architecture ({e.unseen_model}), pooled over both pools"}
-    page = markdown(report, header, titles)
-
-    write_json(root / METRICS / "report.json", report)
-    write_curves(report, root / METRICS / "curves.csv")
-    with atomic_path(root / REPORTS / "summary.md") as tmp:
-        tmp.write_text(page)
-    plot(report, horizon, root / REPORTS / "curves.png")
-    tags = {"stage": "optimizer_eval", "evaluated_model": name, "evaluated_version": version,
-            "evaluated_run_id": info["run_id"], **tracking.system_tags(device)}
-    with tracking.start_run(p.experiment, p.mlflow.artifact_location, run_name="optimizer_eval", tags=tags) as run:
-        mlflow.log_params(tracking.flatten_params({"evaluate": e.model_dump(mode="json"), "lr": chosen}))
+    write_json(root / OUT["report.json"], report)
+    write_curves(report, root / OUT["curves.csv"])
+    with atomic_path(root / OUT["summary.md"]) as tmp:
+        tmp.write_text(markdown(report, header, titles))
+    plot(report, report["horizon"], root / OUT["curves.png"])
+    tags = {"evaluated_model": name, "evaluated_version": version, "evaluated_run_id": info["run_id"]}
+    with tracking.stage_run(p, "optimizer_eval", "optimizer_eval", tags=tags, device=device,
+                            params={"evaluate": e.model_dump(mode="json"), "lr": lr}) as run:
         mlflow.log_metrics({k: float(v) for k, v in flat_metrics(report).items()})
-        for path in ("report.json", "curves.csv"):
-            mlflow.log_artifact(str(root / METRICS / path), "evaluation")
-        for path in ("summary.md", "curves.png"):
-            mlflow.log_artifact(str(root / REPORTS / path), "evaluation")
+        for path in ("report.json", "curves.csv", "summary.md", "curves.png"):
+            mlflow.log_artifact(str(root / OUT[path]), "evaluation")
     metrics = without_curves(report) | {"eval_run_id": run.info.run_id}
-    write_json(root / METRICS / "eval.json", metrics)
-    write_json(root / RUN_FILE, {"run_id": run.info.run_id, "model": name, "version": version})
+    write_json(root / OUT["eval.json"], metrics)
+    write_json(root / OUT["evaluate.json"], {"run_id": run.info.run_id, "model": name, "version": version})
     return metrics
 
 
@@ -108,10 +83,6 @@ def without_curves(report: dict) -> dict:
     return out
 
 
-def _keyed(scores: dict[float, float]) -> dict[str, float]:
-    return {f"{lr:g}": value for lr, value in scores.items()}
-
-
 def main() -> None:
     p = params()
     metrics = evaluate_production(p, ROOT, load_pools(p.optimizer, PREPARED, ROOT))
@@ -119,7 +90,7 @@ def main() -> None:
     h = f"{min(metrics['multiples'])}x"
     shown = ", ".join(f"{name} {s['at'][h]['train_loss_mean']:.4f}" for name, s in seen.items())
     print(f"optimizer_eval: {metrics['model']} v{metrics['version']}: train loss at {h} (seen architectures) {shown}; "
-          f"metrics/learned_optimizer/eval.json, reports/learned_optimizer/, MLflow run {metrics['eval_run_id']}")
+          f"{OUT['eval.json']}, {OUT['summary.md'].parent}/, MLflow run {metrics['eval_run_id']}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from _stage import PREPARED, ROOT, params, run_guarded
+from _stage import PREPARED, ROOT, declared, params, run_guarded
 from production import LEARNED, recorded
 
 from metaflowlib import tracking
@@ -66,16 +66,16 @@ def main() -> None:
         report["methods"][key] = {"model": {"name": model["name"], "version": model["version"]}, "inner_lr": method.config()["inner_lr"],
                                   "results": rows}
         print(f"optimizer_finetune {key}: " + "  ".join(f"{k} {100 * v['accuracy']:.2f}" for k, v in rows.items()), flush=True)
-    tags = {"stage": "optimizer_finetune", "optimizer_model": optimizer["name"], "optimizer_version": optimizer["version"],
-            **{f"model_{k}": f"{v['model']['name']} v{v['model']['version']}" for k, v in report["methods"].items()},
-            **tracking.system_tags(device)}
-    with tracking.start_run(p.experiment, p.mlflow.artifact_location, run_name="optimizer-finetune", tags=tags) as run:
+    tags = {"optimizer_model": optimizer["name"], "optimizer_version": optimizer["version"],
+            **{f"model_{k}": f"{v['model']['name']} v{v['model']['version']}" for k, v in report["methods"].items()}}
+    with tracking.stage_run(p, "optimizer_finetune", "optimizer-finetune", tags=tags, device=device) as run:
         mlflow.log_metrics({f"acc_{k}_{r}": v["accuracy"] for k, m in report["methods"].items() for r, v in m["results"].items()})
         mlflow.log_dict(report, "finetune.json")
-    write_json(ROOT / "metrics" / "learned_optimizer" / "finetune.json", report)
-    write_json(ROOT / "runs" / "learned_optimizer" / "finetune.json", {"run_id": run.info.run_id, "models": references})
+    metrics = declared("optimizer_finetune", "metrics/*")
+    write_json(ROOT / metrics, report)
+    write_json(ROOT / declared("optimizer_finetune", "runs/*"), {"run_id": run.info.run_id, "models": references})
     print(f"optimizer_finetune: {optimizer['name']} v{optimizer['version']} on {f.tasks} {f.setting} tasks; "
-          f"metrics/learned_optimizer/finetune.json, MLflow run {run.info.run_id}")
+          f"{metrics}, MLflow run {run.info.run_id}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from _stage import ROOT, params, run_guarded
+from _stage import ROOT, declared, params, run_guarded
 
 from metaflowlib import registry, tracking
 from metaflowlib.config import Params
@@ -33,7 +33,7 @@ CONSUMERS = ("shift", "optimizer", "finetune", "tta")
 
 def path(consumer: str, key: str | None = None) -> Path:
     """The file (relative to the project) recording what `consumer` reads."""
-    return Path("production") / consumer / f"{key}.json" if key else Path("production") / f"{consumer}.json"
+    return declared(f"production_{consumer}", "production/*", item=key or "")
 
 
 def roles(p: Params, consumer: str, key: str | None = None) -> dict[str, str]:

@@ -11,7 +11,7 @@ The first version is promoted to `production` when none exists and
 
 from __future__ import annotations
 
-from _stage import ROOT, method_key, params, run_guarded
+from _stage import ROOT, declared, method_key, params, run_guarded
 
 from metaflowlib import gate, registry, tracking
 from metaflowlib.io import read_json, write_json
@@ -20,9 +20,8 @@ from metaflowlib.io import read_json, write_json
 def main() -> None:
     p, key = params(), method_key()
     mp = p.method(key)
-    train = read_json(ROOT / "runs" / key / "train.json")
-    metrics = read_json(ROOT / "metrics" / key / "eval.json")
-    evaluation = read_json(ROOT / "runs" / key / "evaluate.json")
+    train, metrics, evaluation = (read_json(ROOT / declared("register", pattern, key=key))
+                                  for pattern in ("runs/*/train.json", "metrics/*/eval.json", "runs/*/evaluate.json"))
     name = p.registered_name(key)
     scores = {k: v for k, v in metrics.items() if k.startswith(("acc_", "ci95_"))}
     shown = ", ".join(f"{k[4:]} {100 * v:.2f}%" for k, v in scores.items() if k.startswith("acc_"))
@@ -39,7 +38,7 @@ def main() -> None:
     tracking.configure(p.mlflow.tracking_uri)
     version, promoted = registry.register_stage_version(train["model_uri"], name, tags, description, model_description,
                                                         p.registry.gate_metric, p.registry.promote_first)
-    write_json(ROOT / "registry" / f"{key}.json", {"name": name, "version": version.version, "run_id": train["run_id"],
+    write_json(ROOT / declared("register", "registry/*", key=key), {"name": name, "version": version.version, "run_id": train["run_id"],
                                                   "model_uri": train["model_uri"], "promoted": promoted is not None})
     print(f"register@{key}: {name} version {version.version}" + (f"; {promoted}" if promoted else
           f"; promote with `metaflowlib promote {name} {version.version}`"))

@@ -101,10 +101,8 @@ def log_summary_run(p: Params, root: Path, device, out: Path, figures: dict[Path
     the figures' data (plot_data/)."""
     import mlflow
 
-    tracking.configure(p.mlflow.tracking_uri)
-    tags = {"stage": "report", "profile": p.profile, "dataset": p.data.name, **tracking.system_tags(device)}
-    with tracking.start_run(p.experiment, p.mlflow.artifact_location, run_name="report", tags=tags) as run:
-        mlflow.log_param("methods", ",".join(p.methods))
+    tags = {"profile": p.profile, "dataset": p.data.name}
+    with tracking.stage_run(p, "report", "report", tags=tags, device=device, params={"methods": ",".join(p.methods)}) as run:
         mlflow.log_artifact(str(out / "summary.md"))
         for path, folder in figures.items():
             mlflow.log_artifact(str(path), folder)

@@ -14,8 +14,7 @@ import csv
 import sys
 from pathlib import Path
 
-from _stage import ROOT, params, run_guarded
-from tta_data import SHIFTED
+from _stage import ROOT, declared, params, run_guarded
 from production import LEARNED, recorded
 
 from metaflowlib import tracking
@@ -26,8 +25,6 @@ from metaflowlib.tta.benchmark import adapter_options, evaluate_strategy
 from metaflowlib.tta.pyfunc import load_registered
 from metaflowlib.tta.shifted import load_shifted
 
-METRICS = Path("metrics") / "tta" / "strategies"
-RUNS = Path("runs") / "tta" / "strategies"
 
 
 def run(p: Params, key: str, root: Path) -> dict:
@@ -36,7 +33,7 @@ def run(p: Params, key: str, root: Path) -> dict:
     import torch
 
     strategy = p.tta.strategy(key)
-    tracking.configure(p.mlflow.tracking_uri)
+    tracking.configure(p.mlflow.tracking_uri)  # `recorded` checks the versions against the registry
     references = recorded(p, root, "tta")
     reference = references[strategy.model]
     device = resolve_device(p.device)
@@ -44,7 +41,7 @@ def run(p: Params, key: str, root: Path) -> dict:
     model = model.to(device)
     if p.tta.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    shifted = load_shifted(root / SHIFTED)
+    shifted = load_shifted(root / declared("tta", "data/*"))
     seed_everything(p.tta.seed)
     learned = None
     if getattr(strategy, "optimizer", None) == "learned":
@@ -54,20 +51,21 @@ def run(p: Params, key: str, root: Path) -> dict:
     result = evaluate_strategy(strategy.kind, model, adapter_options(strategy, learned), shifted, strategy.batch_size, device,
                                p.tta.channels_last)
     metrics = result.metrics()
-    tags = {"stage": f"tta@{key}", "strategy": key, "kind": strategy.kind, "model_name": reference["name"],
+    tags = {"strategy": key, "kind": strategy.kind, "model_name": reference["name"],
             "model_version": reference["version"], "model_run_id": reference["run_id"],
             **({"optimizer_model": references[LEARNED]["name"], "optimizer_version": references[LEARNED]["version"]} if learned is not None else {}),
-            "data_digest": shifted.info["digest"], "memory_kind": result.memory_kind, **tracking.system_tags(device)}
-    with tracking.start_run(p.tta.experiment, p.mlflow.artifact_location, run_name=f"tta@{key}", tags=tags) as mlflow_run:
-        mlflow.log_params(tracking.flatten_params({"strategy": strategy.model_dump(mode="json"), "images": len(shifted.labels),
-                                                    "seed": p.tta.seed, "channels_last": p.tta.channels_last}))
+            "data_digest": shifted.info["digest"], "memory_kind": result.memory_kind}
+    logged = {"strategy": strategy.model_dump(mode="json"), "images": len(shifted.labels), "seed": p.tta.seed,
+              "channels_last": p.tta.channels_last}
+    with tracking.stage_run(p, f"tta@{key}", f"tta@{key}", tags=tags, params=logged, device=device,
+                            experiment=p.tta.experiment) as mlflow_run:
         flat = {f"error_{c}_s{s}": e for c, by in metrics["error"].items() for s, e in by.items()}
         flat.update({f"mean_error_s{s}": e for s, e in metrics["mean_error"].items()})
         flat.update({k: v for k, v in metrics.items() if not isinstance(v, dict)})
         mlflow.log_metrics(flat)
-    write_json(root / METRICS / f"{key}.json", metrics)
-    write_curve(root / METRICS / f"{key}.csv", metrics)
-    write_json(root / RUNS / f"{key}.json", {"run_id": mlflow_run.info.run_id, "experiment_id": mlflow_run.info.experiment_id,
+    write_json(root / declared("tta", "metrics/*.json", key=key), metrics)
+    write_curve(root / declared("tta", "metrics/*.csv", key=key), metrics)
+    write_json(root / declared("tta", "runs/*", key=key), {"run_id": mlflow_run.info.run_id, "experiment_id": mlflow_run.info.experiment_id,
                                             "strategy": strategy.model_dump(mode="json"), "name": reference["name"],
                                             "version": reference["version"], "model_run_id": reference["run_id"],
                                             "model_uri": reference["uri"]})

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from _stage import ROOT, params, run_guarded
+from _stage import ROOT, declared, params, run_guarded
 
 from metaflowlib.config import Params
 from metaflowlib.data.fashion_mnist import load_fashion_mnist
 from metaflowlib.tta.shifted import build_shifted, save_shifted
 
-SHIFTED = Path("data") / "tta" / "fashion-mnist-c"
+SHIFTED = declared("tta_data", "data/*")
 
 
 def build(p: Params, root: Path) -> dict:

@@ -283,6 +283,7 @@ def test_bad_custom_imagefolders_are_refused_naming_the_culprit(tmp_path):
 def test_failed_prepare_stage_exits_2_and_keeps_the_previous_output(tmp_path):
     """The real stage script on a bad custom dataset: one error line, exit 2, the last good data/prepared untouched."""
     shutil.copytree(ROOT / "pipelines", tmp_path / "pipelines")
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")  # the stages find their paths there
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"].update(dataset="custom", custom_source=str(imagefolder(tmp_path / "imgs")))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

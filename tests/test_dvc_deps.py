@@ -139,7 +139,7 @@ def write_code_deps() -> None:
         yaml_rt.dump(document, handle)
 
 
-MLFLOW_WRITES = ("tracking.start_run(", "mlflow.start_run(", "registry.register(", "registry.promote")
+MLFLOW_WRITES = ("tracking.stage_run(", "tracking.start_run(", "mlflow.start_run(", "registry.register(", "registry.promote")
 
 
 def test_stages_that_write_to_mlflow_are_never_restored_from_the_run_cache() -> None:

@@ -24,6 +24,7 @@ def make_project(root):
     from metaflowlib.data.prepare import Split, save_splits
 
     shutil.copytree(ROOT / "pipelines", root / "pipelines")
+    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")  # the stages find their paths there
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["methods"] = {"protonet": {"kind": "protonet", "hidden": 16, "ways": 5, "shots": 2, "queries": 3,
                                       "budget": {"default": {"episodes": EPISODES}}}}

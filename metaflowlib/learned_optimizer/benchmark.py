@@ -14,13 +14,17 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from metaflowlib.errors import DivergenceError
-from metaflowlib.methods.inner_optimizers import InnerOptimizer
-from metaflowlib.learned_optimizer.tasks import ClassifierTask
+from metaflowlib.learned_optimizer.suites import evaluation_suites, tuning_tasks
+from metaflowlib.learned_optimizer.tasks import ClassifierTask, ImagePool
+from metaflowlib.methods.inner_optimizers import SGD, Adam, InnerOptimizer
+
+ADAM_DEFAULT_LR = 1e-3  # Kingma & Ba's default
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,29 @@ def evaluation_report(runs: Mapping[str, Mapping[str, list[Trajectory]]], horizo
         report["pooled"][group] = {name: summarize([t for s in suites for t in runs[s][name]], checkpoints)
                                    for name in names}
     return report
+
+
+def evaluate_against_baselines(op: Any, learned: InnerOptimizer, pools: dict[str, ImagePool], device: torch.device,
+                               progress: Callable[[str], None] = print) -> dict:
+    """The `optimizer_eval` protocol: Adam's and SGD-with-momentum's learning rates chosen on separate tuning tasks at
+    the meta-training horizon H, then `learned`, Adam (default and tuned) and SGD run on every evaluation suite for
+    max(horizons) x H steps; summaries at each multiple of H, per suite and pooled over seen / unseen architectures.
+    `op` is params' `optimizer` section."""
+    e, horizon, factor = op.evaluate, op.meta_train.horizon, op.meta_train.divergence_factor
+    tuning = tuning_tasks(op, pools, device)
+    adam_lr, adam_scores = tune_lr(Adam, list(e.adam_lrs), tuning, horizon, factor)
+    sgd_lr, sgd_scores = tune_lr(lambda lr: SGD(lr, e.momentum), list(e.sgd_lrs), tuning, horizon, factor)
+    progress(f"tuned on {len(tuning)} tasks at {horizon} steps: Adam lr {adam_lr:g}, SGD(momentum {e.momentum:g}) lr {sgd_lr:g}")
+    optimizers = {"learned": learned, "adam_default": Adam(ADAM_DEFAULT_LR), "adam_tuned": Adam(adam_lr),
+                  "sgd_momentum": SGD(sgd_lr, e.momentum)}
+    suites = evaluation_suites(op, pools, device)
+    runs = compare(optimizers, suites, horizon * max(e.horizons), e.record_every, factor, progress=progress)
+    seen = [s for s in suites if s.split("/")[1] in op.models]
+    report = evaluation_report(runs, horizon, sorted(e.horizons), {"seen": seen, "unseen": [s for s in suites if s not in seen]})
+    keyed = lambda scores: {f"{lr:g}": value for lr, value in scores.items()}  # noqa: E731
+    return report | {"horizon": horizon, "multiples": sorted(e.horizons), "tasks_per_suite": e.tasks,
+                     "lr": {"adam_default": ADAM_DEFAULT_LR, "adam_tuned": adam_lr, "sgd_momentum": sgd_lr}, "momentum": e.momentum,
+                     "tuning": {"tasks": len(tuning), "adam": keyed(adam_scores), "sgd_momentum": keyed(sgd_scores)}}
 
 
 def _fmt(value: float | None) -> str:
