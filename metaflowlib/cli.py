@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from metaflowlib.entry import run_guarded
 from metaflowlib.errors import MetaflowError
