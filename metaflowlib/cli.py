@@ -34,10 +34,12 @@ def _configure(args: argparse.Namespace):
 
 
 def cmd_check(args: argparse.Namespace) -> None:
-    from metaflowlib.config import load_params
+    """Every section and every method block, checked against the classes they name."""
+    from metaflowlib.config import read_params
+    from metaflowlib.config.check import check_params
 
-    params = load_params(args.params)
-    methods = ", ".join(f"{k} ({m.kind})" for k, m in params.methods.items())
+    params, specs = check_params(read_params(args.params), str(args.params))
+    methods = ", ".join(f"{k} ({m.kind})" for k, m in specs.items())
     print(f"{args.params}: valid; profile {params.profile}, dataset {params.data.name}, methods: {methods}")
 
 

@@ -15,8 +15,9 @@ sys.path.insert(0, str(ROOT))
 from metaflowlib.entry import run_guarded  # noqa: E402
 from metaflowlib.config import Params, load_params  # noqa: E402
 
-def params() -> Params:
-    return load_params(ROOT / "params.yaml")
+def params(**sections: type) -> Params:
+    """params.yaml with the experiment sections this stage reads (e.g. `tta=TTAParams`) validated too."""
+    return load_params(ROOT / "params.yaml", **sections)
 
 
 @cache

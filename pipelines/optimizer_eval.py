@@ -18,10 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from _stage import PREPARED, ROOT, declared, params, run_guarded
-from production import LEARNED, recorded
+from _production import LEARNED, recorded
 
 from metaflowlib import tracking
 from metaflowlib.config import Params
+from metaflowlib.config.learned_optimizer import LearnedOptimizerParams
 from metaflowlib.io import atomic_path, write_json
 from metaflowlib.learned_optimizer.benchmark import evaluate_against_baselines
 from metaflowlib.learned_optimizer.report import flat_metrics, markdown, plot, write_curves
@@ -84,7 +85,7 @@ def without_curves(report: dict) -> dict:
 
 
 def main() -> None:
-    p = params()
+    p = params(optimizer=LearnedOptimizerParams)
     metrics = evaluate_production(p, ROOT, load_pools(p.optimizer, PREPARED, ROOT))
     seen = metrics["pooled"]["seen"]
     h = f"{min(metrics['multiples'])}x"

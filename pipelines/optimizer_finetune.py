@@ -15,9 +15,10 @@ from __future__ import annotations
 import time
 
 from _stage import PREPARED, ROOT, declared, params, run_guarded
-from production import LEARNED, recorded
+from _production import LEARNED, recorded
 
 from metaflowlib import tracking
+from metaflowlib.config.learned_optimizer import LearnedOptimizerParams
 from metaflowlib.data.store import load_pool
 from metaflowlib.episodes import fixed_episodes
 from metaflowlib.errors import ConfigError
@@ -39,7 +40,7 @@ def score(method, pool, indices) -> dict[str, float]:
 def main() -> None:
     import mlflow
 
-    p = params()
+    p = params(optimizer=LearnedOptimizerParams)
     f = p.optimizer.finetune
     device = resolve_device(p.device)
     seed_everything(p.seed)

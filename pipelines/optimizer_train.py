@@ -20,6 +20,7 @@ from _stage import PREPARED, ROOT, params, run_guarded
 
 from metaflowlib import registry, tracking
 from metaflowlib.config import Params
+from metaflowlib.config.learned_optimizer import LearnedOptimizerParams
 from metaflowlib.errors import DivergenceError, Interrupted
 from metaflowlib.io import atomic_path, write_json
 from metaflowlib.learned_optimizer.benchmark import run_trajectory
@@ -153,7 +154,7 @@ def write_curve(path: Path, history: list[dict]) -> None:
 
 
 def main() -> None:
-    p = params()
+    p = params(optimizer=LearnedOptimizerParams)
     out = train_and_register(p, ROOT, load_pools(p.optimizer, PREPARED, ROOT))
     print(f"optimizer_train: {out['meta_train_steps']} meta-steps in {out['meta_train_seconds']:.0f}s, "
           f"{GATE_METRIC} {out[GATE_METRIC]:.4f}; {out['name']} v{out['version']}"

@@ -22,7 +22,8 @@ from metaflowlib.artifacts import save_meta_knowledge
 from metaflowlib.data.store import load_pool, log_splits
 from metaflowlib.evaluate import embed_pool, evaluate_setting
 from metaflowlib.io import WEIGHTS_FILE, atomic_path, sha256_file, write_json
-from metaflowlib.methods import ProtoNet, build_method
+from metaflowlib.config.methods import method_spec
+from metaflowlib.methods import ProtoNet
 from metaflowlib.models import conv4_output_dim
 from metaflowlib.pretrain import pretrain_feature_map
 from metaflowlib.runtime import resolve_device, resolve_precision, seed_everything
@@ -33,21 +34,21 @@ def main() -> None:
     import mlflow
 
     p, key = params(), method_key()
-    mp = p.method(key)
+    mp = method_spec(p, key)
     out_dir = ROOT / "pretrained" / key
     record = ROOT / "runs" / key / "pretrain.json"
-    if p.pretrain(key) is None:
+    if mp.pretrain_in(p.profile) is None:
         with atomic_path(out_dir, is_dir=True) as tmp:
             tmp.mkdir()
             (tmp / "none.json").write_text(json.dumps({"method": key, "pretrained": False}) + "\n")
         write_json(record, {"pretrained": False})
         print(f"pretrain@{key}: {mp.kind} starts from no pre-trained module; nothing to do")
         return
-    pretrain, budget = p.pretrain(key)
+    pretrain, budget = mp.pretrain_in(p.profile)
     device = resolve_device(p.device)
     dtype = resolve_precision(p.train.precision, device)
     seed_everything(p.seed)
-    method = build_method(mp.kind, **mp.model_config_dict(p.data.image_size))
+    method = mp.build(p.data.image_size)
     config = method.config()
     embedding = ProtoNet(in_channels=config["in_channels"], hidden=config["hidden"], distance="cosine").to(device)
     if p.train.channels_last:

@@ -14,12 +14,13 @@ from __future__ import annotations
 from _stage import ROOT, declared, method_key, params, run_guarded
 
 from metaflowlib import gate, registry, tracking
+from metaflowlib.config.methods import method_spec
 from metaflowlib.io import read_json, write_json
 
 
 def main() -> None:
     p, key = params(), method_key()
-    mp = p.method(key)
+    mp = method_spec(p, key)
     train, metrics, evaluation = (read_json(ROOT / declared("register", pattern, key=key))
                                   for pattern in ("runs/*/train.json", "metrics/*/eval.json", "runs/*/evaluate.json"))
     name = p.registered_name(key)

@@ -16,6 +16,8 @@ from _stage import ROOT, params, run_guarded
 
 from metaflowlib import tracking
 from metaflowlib.config import Params
+from metaflowlib.config.methods import method_spec
+from metaflowlib.config.shift import ShiftParams
 from metaflowlib.data.store import load_info
 from metaflowlib.errors import DataError
 from metaflowlib.io import atomic_path, read_json
@@ -57,7 +59,7 @@ def method_records(p: Params, root: Path) -> list[MethodRecord]:
         metrics = required(root, Path("metrics") / key / "eval.json", f"evaluate@{key}")
         train = required(root, Path("runs") / key / "train.json", f"train@{key}")
         curve = required(root, Path("metrics") / key / "train_curve.csv", f"train@{key}")
-        mp = p.method(key)
+        mp = method_spec(p, key)
         records.append(MethodRecord(key, mp.kind, mp.model_config_dict(p.data.image_size), read_json(metrics), read_json(train),
                                     read_training_curve(curve)))
     return records
@@ -111,7 +113,7 @@ def log_summary_run(p: Params, root: Path, device, out: Path, figures: dict[Path
 
 
 def main() -> None:
-    p = params()
+    p = params(shift=ShiftParams)
     run_id = write_report(p, ROOT)
     print(f"report: {len(p.methods)} methods -> reports/summary.md, {SHOTS_PNG}, {TRAINING_PNG}, {MEMORY_PNG}, "
           f"reports/plots/; MLflow run {run_id} ('report', experiment {p.experiment})")

@@ -18,9 +18,10 @@ Outputs: metrics/shift/<method>.json (DVC metrics), runs/shift/<method>.json
 from __future__ import annotations
 
 from _stage import PREPARED, ROOT, declared, method_key, params, run_guarded
-from production import recorded
+from _production import recorded
 
 from metaflowlib import tracking
+from metaflowlib.config.shift import ShiftParams
 from metaflowlib.data.store import load_split
 from metaflowlib.io import write_json
 from metaflowlib.runtime import resolve_device, seed_everything
@@ -32,7 +33,7 @@ from metaflowlib.tta.fewshot import evaluate_under_shift
 def main() -> None:
     import mlflow
 
-    p, key = params(), method_key()
+    p, key = params(shift=ShiftParams), method_key()
     s = p.shift
     device = resolve_device(p.device)
     seed_everything(p.seed)

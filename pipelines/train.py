@@ -24,12 +24,12 @@ from _stage import PREPARED, ROOT, method_key, params, run_guarded
 from metaflowlib import distributed, tracking
 from metaflowlib.artifacts import load_meta_knowledge, save_meta_knowledge
 from metaflowlib.config import Params
+from metaflowlib.config.methods import method_spec
 from metaflowlib.data.store import load_info, load_pool, log_splits
 from metaflowlib.episodes import EpisodeSampler, fixed_episodes
 from metaflowlib.errors import DataError, Interrupted
 from metaflowlib.evaluate import embed_pool, evaluate_setting
 from metaflowlib.io import atomic_path, read_json, write_json
-from metaflowlib.methods import build_method
 from metaflowlib.runtime import resolve_device, resolve_precision, seed_everything
 from metaflowlib.serving.log import log_pyfunc_model
 from metaflowlib.train import MetaTrainer, build_meta_optimizer
@@ -65,7 +65,7 @@ def diagnoser(pool, mp, seed: int):
 
 def fingerprint(p: Params, key: str, pretrained: dict) -> str:
     """Identifies what a checkpoint was trained for: resuming under other params or another feature map starts afresh."""
-    relevant = {"method": p.method(key).model_dump(mode="json"), "data": p.data.model_dump(mode="json"),
+    relevant = {"method": method_spec(p, key).flat(), "data": p.data.model_dump(mode="json"),
                 "seed": p.seed, "profile": p.profile, "train": p.train.model_dump(mode="json"),
                 "pretrained": pretrained.get("weights_sha256")}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
@@ -74,7 +74,7 @@ def fingerprint(p: Params, key: str, pretrained: dict) -> str:
 def main() -> None:
     p, key = params(), method_key()
     if p.train.launcher.kind == "torchrun" and not distributed.launched():
-        relaunch(key, p.train.launcher.nproc_per_node, p.method(key).tasks_per_step)
+        relaunch(key, p.train.launcher.nproc_per_node, method_spec(p, key).tasks_per_step)
     device = resolve_device(p.device)
     group = distributed.init_from_env(device)
     try:
@@ -96,15 +96,15 @@ def relaunch(key: str, nproc_per_node: int, tasks_per_step: int) -> NoReturn:
 def train(p: Params, key: str, device: torch.device, group: distributed.Distributed | None) -> None:
     import mlflow
 
-    mp = p.method(key)
-    budget = p.budget(key)
+    mp = method_spec(p, key)
+    budget = mp.budget_in(p.profile)
     dtype = resolve_precision(p.train.precision, device)
     seed_everything(p.seed)
 
     info = load_info(PREPARED)
     train_pool = load_pool(PREPARED, "train", p.data.image_size, device)
     val_pool = load_pool(PREPARED, "val", p.data.image_size, device)
-    method = build_method(mp.kind, **mp.model_config_dict(p.data.image_size)).to(device)
+    method = mp.build(p.data.image_size).to(device)
     pretrained = load_pretrained(method, key)
     if p.train.channels_last:
         method = method.to(memory_format=torch.channels_last)
@@ -142,7 +142,7 @@ def train(p: Params, key: str, device: torch.device, group: distributed.Distribu
     progress = p.train.progress if p.train.progress != "auto" else ("bar" if sys.stderr.isatty() else "log")
     with tracking.start_run(p.experiment, p.mlflow.artifact_location, key, tags, run_id=run_id) as run:
         if run_id is None:
-            mlflow.log_params(tracking.flatten_params({"method": mp.model_dump(mode="json"), "data": p.data.model_dump(mode="json"),
+            mlflow.log_params(tracking.flatten_params({"method": mp.flat(), "data": p.data.model_dump(mode="json"),
                                                         "train": p.train.model_dump(mode="json"), "seed": p.seed, "profile": p.profile,
                                                         "budget": budget.model_dump(mode="json")}))
         log_splits(PREPARED, {"train": "training", "val": "validation"})

@@ -15,10 +15,12 @@ import sys
 from pathlib import Path
 
 from _stage import ROOT, declared, params, run_guarded
-from production import LEARNED, recorded
+from _production import LEARNED, recorded
 
 from metaflowlib import tracking
 from metaflowlib.config import Params
+from metaflowlib.config.learned_optimizer import LearnedOptimizerParams
+from metaflowlib.config.tta import TTAParams
 from metaflowlib.io import atomic_path, write_json
 from metaflowlib.runtime import resolve_device, seed_everything
 from metaflowlib.tta.benchmark import adapter_options, evaluate_strategy
@@ -84,7 +86,7 @@ def write_curve(path: Path, metrics: dict) -> None:
 def main() -> None:
     if len(sys.argv) != 2:
         raise SystemExit(f"usage: python {Path(sys.argv[0]).name} <strategy key from params.yaml tta.strategies>")
-    p, key = params(), sys.argv[1]
+    p, key = params(tta=TTAParams, optimizer=LearnedOptimizerParams), sys.argv[1]
     metrics = run(p, key, ROOT)
     worst = max(metrics["mean_error"], key=int)
     print(f"tta@{key}: mean error {100 * metrics['mean_error'][worst]:.1f}% at severity {worst} "

@@ -11,6 +11,7 @@ from pathlib import Path
 from _stage import ROOT, declared, params, run_guarded
 
 from metaflowlib.config import Params
+from metaflowlib.config.tta import TTAParams
 from metaflowlib.data.fashion_mnist import load_fashion_mnist
 from metaflowlib.tta.shifted import build_shifted, save_shifted
 
@@ -27,7 +28,7 @@ def build(p: Params, root: Path) -> dict:
 
 
 def main() -> None:
-    info = build(params(), ROOT)
+    info = build(params(tta=TTAParams), ROOT)
     print(f"tta_data: wrote {SHIFTED} ({info['images']} test images x {len(info['corruptions'])} corruptions x "
           f"severities {info['severities']}, digest {info['digest']})")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from _stage import ROOT, declared, params, run_guarded
 
 from metaflowlib.config import Params
+from metaflowlib.config.tta import TTAParams
 from metaflowlib.errors import DataError
 from metaflowlib.io import atomic_path, read_json, write_json
 from metaflowlib.tta.report import build_report, markdown, plot
@@ -35,7 +36,7 @@ def report(p: Params, root: Path) -> dict:
 
 
 def main() -> None:
-    out = report(params(), ROOT)
+    out = report(params(tta=TTAParams), ROOT)
     at = out["error_at_severity"]
     ranking = " < ".join(f"{k} {100 * at[k]['mean']:.1f}%" for k in sorted(at, key=lambda k: at[k]["mean"]))
     print(f"tta_report: severity {out['severity']} mean error {ranking}; {REPORT}/report.md")

@@ -17,6 +17,7 @@ from _stage import ROOT, params, run_guarded
 
 from metaflowlib import registry, tracking
 from metaflowlib.config import Params
+from metaflowlib.config.tta import TTAParams
 from metaflowlib.data.fashion_mnist import CLASSES, load_fashion_mnist
 from metaflowlib.io import write_json
 from metaflowlib.runtime import resolve_device, resolve_precision, seed_everything
@@ -90,7 +91,7 @@ def train_and_register(p: Params, root: Path) -> dict:
 
 
 def main() -> None:
-    out = train_and_register(params(), ROOT)
+    out = train_and_register(params(tta=TTAParams), ROOT)
     shown = "; ".join(f"{v['name']} v{v['version']} clean acc {v[GATE_METRIC]:.4f} ({v['train_seconds']:.0f}s)"
                       + (" promoted" if v["promoted"] else "") for v in out.values())
     print(f"tta_source: {shown}")

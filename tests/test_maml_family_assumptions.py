@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from metaflowlib.config import parse_params
+from metaflowlib.config.methods import method_spec
 from metaflowlib.data.omniglot import load_npz_mirror
 from metaflowlib.data.preprocess import to_model_input
 from metaflowlib.episodes import EpisodeSampler, TaskPool
@@ -60,7 +61,7 @@ def params_block(kind: str) -> dict:
 
     p = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text()))
     key = next(k for k, m in p.methods.items() if m.kind == kind)
-    return p.method(key).model_config_dict(p.data.image_size)
+    return method_spec(p, key).model_config_dict(p.data.image_size)
 
 
 def test_first_order_meta_gradient_agrees_with_second_order_at_the_default_init(omniglot_tasks) -> None:
@@ -175,7 +176,7 @@ def test_params_refuse_a_budget_in_seconds_alone() -> None:
     block = {"kind": "reptile", "meta_optimizer": {"name": "sgd", "lr": 1.0, "schedule": "linear"},
              "budget": {"default": {"seconds": 60}, "full": {"episodes": 10}}}
     with pytest.raises(ConfigError, match=r"methods\.reptile\.budget\.default\.episodes"):
-        parse_params({"methods": {"reptile": block}})
+        method_spec(parse_params({"methods": {"reptile": block}}), "reptile")
 
 
 def _episode(tasks: int, shots: int = 1, queries: int = 2, dtype: torch.dtype = torch.float32):

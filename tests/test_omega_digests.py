@@ -47,12 +47,14 @@ from conftest import class_images, load_stage
 
 from metaflowlib.artifacts import load_meta_knowledge, save_meta_knowledge
 from metaflowlib.config import Params, parse_params
+from metaflowlib.config.check import EXPERIMENTS
+from metaflowlib.config.methods import method_spec
 from metaflowlib.data.fashion_mnist import CLASSES
 from metaflowlib.data.preprocess import to_model_input
 from metaflowlib.episodes import EpisodeSampler, TaskPool
 from metaflowlib.evaluate import embed_pool, evaluate_setting
 from metaflowlib.io import WEIGHTS_FILE, sha256_file
-from metaflowlib.methods import ProtoNet, build_method
+from metaflowlib.methods import ProtoNet
 from metaflowlib.models import conv4_output_dim
 from metaflowlib.learned_optimizer.learned import LSTMOptimizerNet, save_optimizer
 from metaflowlib.learned_optimizer.meta_train import meta_train_optimizer
@@ -94,7 +96,7 @@ NOISE = 0.3  # flipped pixels on top of class_images' 5%: validation accuracy st
 
 
 def params() -> Params:
-    return parse_params(json.loads(json.dumps(TINY)))
+    return parse_params(json.loads(json.dumps(TINY)), **EXPERIMENTS)
 
 
 def omniglot_like(split: str) -> TaskPool:
@@ -112,13 +114,14 @@ def meta_train(key: str, out: Path) -> Path:
     """pipelines/train.py `train`: seed, build omega (loading the pretrain@ feature map), sampler, outer
     optimizer, MetaTrainer with the stage's validator and diagnoser; best omega saved."""
     p = params()
-    mp, budget, stage = p.method(key), p.budget(key), load_stage("train")
-    pretrained = pretrain(key, out) if p.pretrain(key) else None  # the pretrain@ stage runs first
+    mp, stage = method_spec(p, key), load_stage("train")
+    budget = mp.budget_in(p.profile)
+    pretrained = pretrain(key, out) if mp.pretrain_in(p.profile) else None  # the pretrain@ stage runs first
     device = resolve_device(p.device)
     dtype = resolve_precision(p.train.precision, device)
     seed_everything(p.seed)
     train_pool, val_pool = omniglot_like("train"), omniglot_like("val")
-    method = build_method(mp.kind, **mp.model_config_dict(p.data.image_size)).to(device)
+    method = mp.build(p.data.image_size).to(device)
     if pretrained is not None:  # train.load_pretrained
         embedding, _ = load_meta_knowledge(pretrained.parent)
         getattr(method, method.pretrained_module).load_state_dict(embedding.embedding.state_dict())
@@ -142,11 +145,12 @@ def meta_train(key: str, out: Path) -> Path:
 def pretrain(key: str, out: Path) -> Path:
     """pipelines/pretrain.py: the feature map as a cosine ProtoNet, best nearest-centroid validation kept."""
     p = params()
-    mp, (pp, budget) = p.method(key), p.pretrain(key)
+    mp = method_spec(p, key)
+    pp, budget = mp.pretrain_in(p.profile)
     device = resolve_device(p.device)
     dtype = resolve_precision(p.train.precision, device)
     seed_everything(p.seed)
-    config = build_method(mp.kind, **mp.model_config_dict(p.data.image_size)).config()
+    config = mp.build(p.data.image_size).config()
     embedding = ProtoNet(in_channels=config["in_channels"], hidden=config["hidden"], distance="cosine").to(device)
     if p.train.channels_last:
         embedding = embedding.to(memory_format=torch.channels_last)
@@ -213,7 +217,7 @@ class Case:
 
 
 def _method(key: str, description: str) -> Case:
-    return Case(description, lambda out: meta_train(key, out), lambda p: p.method(key).model_dump(mode="json"))
+    return Case(description, lambda out: meta_train(key, out), lambda p: method_spec(p, key).flat())
 
 
 CASES = {
@@ -226,7 +230,7 @@ CASES = {
                                                     "40 episodes on features embedded once"),
     "pretrain": Case("pretrain@param_prediction: 24-way cosine classification, 2 epochs of batches of 256",
                      lambda out: pretrain("param_prediction", out),
-                     lambda p: p.method("param_prediction").pretrain.model_dump(mode="json")),
+                     lambda p: method_spec(p, "param_prediction").pretrain.model_dump(mode="json")),
     "learned_optimizer": Case("LSTM optimizer, 6 meta-steps (unroll 20, horizon 100: two tasks) on mlp and conv optimizees",
                               learned_optimizer, lambda p: p.optimizer.model_dump(mode="json")),
     "tta_source": Case("TTA source classifier (Conv-4 + BN), 2 epochs on 256 images, batches of 128",

@@ -14,6 +14,7 @@ from conftest import ROOT, class_images, load_stage as stage
 
 from metaflowlib import registry
 from metaflowlib.config import parse_params
+from metaflowlib.config.learned_optimizer import LearnedOptimizerParams
 from metaflowlib.errors import ConfigError, DataError, DivergenceError, PayloadError, RegistryError
 from metaflowlib.learned_optimizer.learned import LSTMOptimizerNet, save_optimizer
 from metaflowlib.learned_optimizer.suites import build_pools
@@ -39,7 +40,7 @@ def tiny_params(promote_first: bool = True, **changes):
     for key, value in changes.items():
         section[key] = {**section.get(key, {}), **value}
     raw["optimizer"] = section
-    return parse_params(raw)
+    return parse_params(raw, optimizer=LearnedOptimizerParams)
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +166,7 @@ def test_bad_optimizer_params_name_the_field(change, message):
         section[key] = {**section[key], **value} if isinstance(value, dict) else value
     raw["optimizer"] = section
     with pytest.raises(ConfigError, match=message):
-        parse_params(raw)
+        parse_params(raw, optimizer=LearnedOptimizerParams)
 
 
 def test_a_seed_fixes_the_task_and_eval_pools_hold_no_meta_training_class(pools):

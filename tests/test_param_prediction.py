@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from metaflowlib.config import parse_params
+from metaflowlib.config.methods import method_spec
 from metaflowlib.episodes import EpisodeSampler, TaskPool
 from metaflowlib.errors import ConfigError, DivergenceError
 from metaflowlib.evaluate import embed_pool, evaluate_setting
@@ -121,13 +122,14 @@ def test_pretraining_stops_on_a_non_finite_loss(tiny_pool):
 
 
 def test_params_block_and_its_pretraining_budget():
-    params = parse_params({"methods": {"pp": {"kind": "param_prediction", "pretrain": {"budget": {"default": {"seconds": 5}}}},
+    params = parse_params({"methods": {"pp": {"kind": "param_prediction",
+                                              "pretrain": {"budget": {"default": {"epochs": 3, "seconds": 5}}}},
                                        "proto": {"kind": "protonet"}}})
-    pretrain, budget = params.pretrain("pp")
-    assert budget.seconds == 5 and pretrain.batch_size == 256
-    assert params.pretrain("proto") is None
-    assert params.method("pp").model_config_dict(28)["combine_prototypes"] is True
-    with pytest.raises(ConfigError, match="methods.pp.pretrain.budget.default: a pre-training budget needs epochs or seconds"):
-        parse_params({"methods": {"pp": {"kind": "param_prediction", "pretrain": {"budget": {"default": {}}}}}})
-    with pytest.raises(ConfigError, match="methods.proto.pretrain"):
-        parse_params({"methods": {"proto": {"kind": "protonet", "pretrain": {}}}})
+    pretrain, budget = method_spec(params, "pp").pretrain_in(params.profile)
+    assert budget.count == budget.epochs == 3 and budget.seconds == 5 and pretrain.batch_size == 256
+    assert method_spec(params, "proto").pretrain_in(params.profile) is None
+    assert method_spec(params, "pp").model_config_dict(28)["combine_prototypes"] is True
+    with pytest.raises(ConfigError, match="methods.pp.pretrain.budget.default.epochs: Field required"):
+        parse_params({"methods": {"pp": {"kind": "param_prediction", "pretrain": {"budget": {"default": {"seconds": 5}}}}}})
+    with pytest.raises(ConfigError, match="methods.proto.pretrain: protonet starts from no pre-trained module"):
+        method_spec(parse_params({"methods": {"proto": {"kind": "protonet", "pretrain": {}}}}), "proto")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import json
 import os
 import re
 import shlex
@@ -24,6 +25,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import ROOT, class_images, register_evaluated
 
 import metaflowlib
@@ -179,7 +181,54 @@ def test_the_python_blocks_run(store):
     images, _ = class_images(3, 3, seed=5)  # by class: the first of each class is its support image
     support, query = images[::3], np.delete(images, np.s_[::3], axis=0)
     for block in fenced_blocks("python"):
+        if block == worked_example()[1]:  # a file, not a snippet: test_the_worked_example_method_trains_from_its_file
+            continue
         namespace = {"mlflow": mlflow, "support": support, "labels": np.arange(3), "query": query}
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
         answer = namespace.get("out") or {"labels": namespace["classifier"].predict(query)}
         assert answer["labels"].shape == (len(query),)
+
+
+def worked_example() -> tuple[str, str, dict]:
+    """The README's new method: its module name, the file's source, and its `methods:` params block."""
+    text = README.read_text()
+    source = re.search(r"^`metaflowlib/methods/(\w+)\.py`:\n\n```python\n(.*?)^```$", text, re.DOTALL | re.MULTILINE)
+    block = re.search(r"^`params.yaml`:\n\n```yaml\n(.*?)^```$", text, re.DOTALL | re.MULTILINE)
+    return source.group(1), source.group(2), yaml.safe_load(block.group(1))["methods"]
+
+
+def test_the_worked_example_method_trains_from_its_file(tmp_path):
+    """The README's claim: one file in metaflowlib/methods/ plus a params block is a method `metaflowlib check`
+    accepts and `train@<key>` trains, logs and saves (here on a tiny synthetic split and a small budget)."""
+    from conftest import copy_project, project_files
+
+    from metaflowlib.data.prepare import Split, save_splits
+
+    name, source, methods = worked_example()
+    project = tmp_path / "project"
+    copy_project(project, project_files())
+    (project / "metaflowlib" / "methods" / f"{name}.py").write_text(source)
+    ((key, block),) = methods.items()
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["methods"] = {key: {**block, "hidden": 16, "budget": {"default": {"episodes": 40}}}}  # small, same keys
+    params["shift"]["methods"], params["optimizer"]["finetune"]["methods"] = [], []
+    params["train"].update(val_every=20, progress="log", precision="fp32",
+                           validation={"ways": 5, "shots": 1, "queries": 3, "episodes": 20})
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    splits = {}
+    for i, split in enumerate(("train", "val", "test")):
+        images, labels = class_images(12, 20, seed=i)  # Omniglot's 20 examples per class: 1 shot + 15 queries fit
+        splits[split] = Split(images, labels, [f"c{c}" for c in range(12)])
+    save_splits(splits, project / "data" / "prepared", {"dataset": "synthetic"})
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+
+    check = subprocess.run([sys.executable, "-m", "metaflowlib.cli", "check"], cwd=project, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert check.returncode == 0 and f"{key} ({key})" in check.stdout, check.stderr
+    train = subprocess.run([sys.executable, "pipelines/train.py", key], cwd=project, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
+    record = json.loads((project / "runs" / key / "train.json").read_text())
+    saved = json.loads((project / "models" / key / "config.json").read_text())
+    assert saved["kind"] == key and saved["config"]["hidden"] == 16 and record["meta_train_episodes"] == 40
+    assert record["best_val_accuracy"] > 0.4  # 5-way: chance is 0.2

@@ -195,12 +195,13 @@ def test_optimizer_and_tta_sections_come_from_their_stages_reports():
 def project(tmp_path):
     """A project root holding what the report stage reads, for two methods."""
     from metaflowlib.config import parse_params
+    from metaflowlib.config.shift import ShiftParams
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["methods"] = {"protonet": raw["methods"]["protonet"], "maml": raw["methods"]["maml"]}
     raw["shift"]["methods"] = ["protonet"]
     raw["optimizer"]["finetune"]["methods"] = ["maml"]
-    p = parse_params(raw)
+    p = parse_params(raw, shift=ShiftParams)
     root = tmp_path / "project"
     for r in records()[:2]:
         (root / "metrics" / r.key).mkdir(parents=True)

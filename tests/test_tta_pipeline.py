@@ -15,8 +15,9 @@ from test_fashion_mnist import write_idx
 
 from metaflowlib import registry, tracking
 from metaflowlib.tta.strategies import TTTModel
-from metaflowlib.config import CORRUPTION_NAMES, TentStrategy, parse_params
-from metaflowlib.data.corruptions import CORRUPTIONS
+from metaflowlib.config import parse_params
+from metaflowlib.config.learned_optimizer import LearnedOptimizerParams
+from metaflowlib.config.tta import TTAParams, TentStrategy
 from metaflowlib.data.fashion_mnist import FILES, IMAGES_MAGIC, LABELS_MAGIC
 from metaflowlib.errors import ConfigError, DataError, PayloadError, RegistryError
 from metaflowlib.models import BatchNorm2d
@@ -39,7 +40,7 @@ def tiny_params(data_dir, promote_first: bool = True):
         strategies={"source": {}, "bn": {"batch_size": 10}, "tent": {"batch_size": 10, "lr": 0.01},
                     "ttt": {"batch_size": 10}, "tent_episodic": {"kind": "tent", "episodic": True, "batch_size": 10}},
     )
-    return parse_params(raw)
+    return parse_params(raw, tta=TTAParams, optimizer=LearnedOptimizerParams)
 
 
 @pytest.fixture
@@ -183,21 +184,20 @@ def test_batches_are_cut_evenly_so_none_has_a_single_image():
 
 
 def test_params_tta_block():
-    p = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    p = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text()), tta=TTAParams)
     assert list(p.tta.strategies) == ["source", "bn", "tent", "tent_learned", "ttt"]
     assert p.tta.strategies["tent_learned"].kind == "tent" and p.tta.strategies["tent_learned"].optimizer == "learned"
     assert p.tta.strategies["tent"] == TentStrategy(kind="tent", optimizer="adam", lr=1e-3, batch_size=200, steps=1, episodic=False)
     assert p.tta.strategies["ttt"].model == "ttt" and p.tta.strategies["bn"].model == "source"
     assert p.tta.registered_name("ttt") == TTT
-    assert CORRUPTION_NAMES == CORRUPTIONS  # config lists the names without importing torch
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["tta"]["strategies"] = {"tent": {"optimizer": "adam", "momentum": 0.9, "lr": 0}, "mine": {"lr": 1}}
     with pytest.raises(ConfigError, match=r"tta: strategies.mine needs a kind \(one of bn, source, tent, ttt\)"):
-        parse_params(raw)
+        parse_params(raw, tta=TTAParams)
     raw["tta"]["strategies"] = {"tent": {"momentum": 0.9}, "ttt_std": {"kind": "ttt", "lr": 0, "oops": 1}}
     raw["tta"]["data"] = {"corruptions": ["fog", "rain"], "severities": [5, 5]}
     with pytest.raises(ConfigError) as error:
-        parse_params(raw)
+        parse_params(raw, tta=TTAParams)
     lines = str(error.value).splitlines()[1:]
     assert any(line.startswith("  tta.data.corruptions.1: Input should be 'gaussian_noise'") for line in lines)
     assert "  tta.strategies.ttt_std.lr: Input should be greater than 0 (got 0)" in lines

@@ -58,6 +58,11 @@ class MetaLearner(nn.Module, ABC):
     # constructor arguments added after omegas were first saved, with the value that reproduces those omegas:
     # a saved config that lacks one is rebuilt with it (artifacts.load_meta_knowledge)
     legacy_defaults: ClassVar[dict[str, Any]] = {}
+    # the params block's shared fields (ways, shots, queries, tasks_per_step, meta_optimizer, budget, pretrain) as
+    # its paper trains: what a `methods:` block leaves unset (config.methods)
+    block_defaults: ClassVar[dict[str, Any]] = {}
+    # (name, why) when the outer update is only right with one torch optimizer
+    outer_optimizer: ClassVar[tuple[str, str] | None] = None
 
     def __init__(self, **config: Any) -> None:
         super().__init__()

@@ -165,6 +165,9 @@ class InitializationLearner(MetaLearner):
     autocast_safe = False
     transductive = True  # BatchNorm normalizes with each task's own batch statistics
     legacy_defaults = {"layout": "maxpool", "head_init": "zeros"}
+    # Finn et al.'s 5-way 1-shot Omniglot: meta-batch 32, 60000 meta-iterations
+    block_defaults = {"ways": 5, "shots": 1, "queries": 15, "tasks_per_step": 32,
+                      "budget": {"default": {"episodes": 1000}, "full": {"episodes": 60000}}}
 
     def __init__(
         self,

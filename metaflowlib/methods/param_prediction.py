@@ -37,6 +37,8 @@ class ParameterPredictor(MetaLearner):
     """
 
     kind = "param_prediction"
+    block_defaults = {"ways": 20, "shots": 5, "queries": 15, "tasks_per_step": 4, "pretrain": {},
+                      "budget": {"default": {"episodes": 20000}, "full": {"episodes": 20000}}}
     per_example_features = True
     frozen_features = True
     pretrained_module = "embedding"

@@ -25,6 +25,7 @@ class ProtoNet(MetaLearner):
     """
 
     kind = "protonet"
+    block_defaults = {"ways": 60, "shots": 5, "queries": 5}  # Snell et al. train 60-way, more ways than they test
     per_example_features = True
 
     def __init__(self, in_channels: int = 1, hidden: int = 64, distance: str = "euclidean", temperature: float = 10.0):

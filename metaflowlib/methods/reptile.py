@@ -60,6 +60,10 @@ class Reptile(InitializationLearner):
 
     kind = "reptile"
     legacy_defaults = {**InitializationLearner.legacy_defaults, "inner_optimizer": "sgd", "inner_batch": None}
+    # openai/supervised-reptile's 1-shot 5-way Omniglot: 10 train shots (support + query), meta-batch 5, beta 1 -> 0
+    block_defaults = {**InitializationLearner.block_defaults, "shots": 5, "queries": 5, "tasks_per_step": 5,
+                      "meta_optimizer": {"name": "sgd", "lr": 1.0, "schedule": "linear"}}
+    outer_optimizer = ("sgd", "reptile's outer update is theta + beta * mean(W_i - theta)")
 
     def __init__(
         self,

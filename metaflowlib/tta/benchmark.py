@@ -15,13 +15,13 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from metaflowlib.tta.strategies import OptimizerFactory, build_adapter
-from metaflowlib.config import GradientStrategy, StrategyParams
 from metaflowlib.learned_optimizer.learned import LearnedOptimizer, LSTMOptimizerNet
 from metaflowlib.progress import phase
 from metaflowlib.runtime import rss_peak_mb
@@ -43,9 +43,10 @@ def optimizer_factory(name: str, lr: float, momentum: float = 0.0, learned: LSTM
     raise ValueError(f"unknown test-time optimizer {name!r}; expected 'adam', 'sgd' or 'learned'")
 
 
-def adapter_options(strategy: StrategyParams, learned: LSTMOptimizerNet | None = None) -> dict:
-    """`build_adapter` keyword options from a params block (none for source and bn)."""
-    if not isinstance(strategy, GradientStrategy):
+def adapter_options(strategy: Any, learned: LSTMOptimizerNet | None = None) -> dict:
+    """`build_adapter` keyword options from a `tta.strategies` block (`config.tta`); none for source and bn, which
+    take no optimizer steps."""
+    if not hasattr(strategy, "optimizer"):
         return {}
     options = {"episodic": strategy.episodic,
                "optimizer": optimizer_factory(strategy.optimizer, strategy.lr, strategy.momentum, learned)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from metaflowlib.config import CORRUPTION_NAMES
+from metaflowlib.data.corruptions import CORRUPTIONS
 
 ABBREVIATIONS = {
     "gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impul", "defocus_blur": "defoc",
@@ -24,7 +24,7 @@ PAPER_SEVERITY5 = {"source": 40.8, "bn": 17.3, "ttt": 17.5, "tent": 14.3}
 def corruption_columns(at: dict[str, dict[str, float]]) -> list[str]:
     """The corruptions of a report row in ImageNet-C order (noise, blur, weather, digital), as the paper's table."""
     names = [c for c in next(iter(at.values())) if c != "mean"]
-    return sorted(names, key=lambda c: CORRUPTION_NAMES.index(c) if c in CORRUPTION_NAMES else len(CORRUPTION_NAMES))
+    return sorted(names, key=lambda c: CORRUPTIONS.index(c) if c in CORRUPTIONS else len(CORRUPTIONS))
 
 
 def build_report(metrics: dict[str, dict[str, Any]], runs: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -1,0 +1,52 @@
+"""The `shift:` section (stages shift@<method>): few-shot learners under shift (Omniglot-C); corruption names come
+from `metaflowlib.data.corruptions.CORRUPTIONS`."""
+
+from __future__ import annotations
+
+from pydantic import Field, ValidationInfo, model_validator
+
+from metaflowlib.config.base import Key, Setting, Strict, check_task_shape, settings_of
+from metaflowlib.data.corruptions import CORRUPTIONS
+
+
+class ShiftTent(Strict):
+    """TENT inside one few-shot task: the task is the only test batch, so updates must pay off on it."""
+
+    steps: int = Field(3, ge=1)
+    lr: float = Field(0.01, gt=0)  # Adam; the reference's 1 step at 1e-3 would return the BN logits unchanged
+
+
+class ShiftParams(Strict):
+    """Few-shot learners under shift (Omniglot-C): registered production meta-models on corrupted test tasks."""
+
+    methods: tuple[Key, ...] = ()  # keys of `methods`; none by default
+    corruptions: tuple[str, ...] = CORRUPTIONS
+    severity: int = Field(5, ge=1, le=5)
+    setting: Setting = "5w1s"
+    queries: int = Field(15, ge=1)
+    tasks: int = Field(50, ge=1)  # per corruption; tasks are adapted one at a time
+    seed: int = 2017
+    tent: ShiftTent = ShiftTent()
+
+    @model_validator(mode="after")
+    def _methods_exist(self, info: ValidationInfo) -> ShiftParams:
+        """Keys of `methods` (given as context by `Params.section`), whose production versions are scored."""
+        unknown = [m for m in self.methods if m not in (info.context or {}).get("methods", self.methods)]
+        if unknown:
+            raise ValueError(f"shift.methods {unknown} are not keys of methods (have: {', '.join(info.context['methods'])})")
+        return self
+
+    @model_validator(mode="after")
+    def _tasks_can_be_sampled(self, info: ValidationInfo) -> ShiftParams:
+        data = (info.context or {}).get("data")
+        if data is not None:
+            ways, shots = settings_of(self.setting)
+            check_task_shape(data, "shift.setting", ways, shots + self.queries, "test")
+        return self
+
+    @model_validator(mode="after")
+    def _known_corruptions(self) -> ShiftParams:
+        unknown = sorted(set(self.corruptions) - set(CORRUPTIONS))
+        if unknown:
+            raise ValueError(f"unknown corruptions {unknown}; known: {', '.join(CORRUPTIONS)}")
+        return self
