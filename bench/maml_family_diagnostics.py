@@ -42,10 +42,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from metaflowlib.config import Params, load_params  # noqa: E402
+from metaflowlib.config.methods import method_spec  # noqa: E402
 from metaflowlib.data.store import load_pool  # noqa: E402
 from metaflowlib.episodes import Episode, EpisodeSampler, TaskPool  # noqa: E402
 from metaflowlib.evaluate import evaluate_setting  # noqa: E402
-from metaflowlib.methods import build_method  # noqa: E402
 from metaflowlib.methods.inner_loop import InitializationLearner, inner_loop  # noqa: E402
 from metaflowlib.io import write_json  # noqa: E402
 from metaflowlib.runtime import device_name  # noqa: E402
@@ -57,9 +57,9 @@ IMAML_TASKS = 4  # Hessian eigenvalues by power iteration cost minutes per task 
 
 def build(p: Params, key: str) -> InitializationLearner:
     """The method exactly as `train@<key>` starts it: same params block, same seed before construction."""
-    mp = p.method(key)
+    mp = method_spec(p, key)
     torch.manual_seed(p.seed)
-    return build_method(mp.kind, **mp.model_config_dict(p.data.image_size))
+    return mp.build(p.data.image_size)
 
 
 def groups(net: torch.nn.Module) -> dict[str, str]:
@@ -341,7 +341,7 @@ def main() -> None:
     train_pool = load_pool(args.prepared, "train", p.data.image_size, device)
     val_pool = load_pool(args.prepared, "val", p.data.image_size, device)
     episode = next(EpisodeSampler(train_pool, WAYS, SHOTS, QUERIES, TASKS, seed=p.seed + 7))
-    kinds = {p.method(k).kind: k for k in p.methods}
+    kinds = {p.methods[k].kind: k for k in p.methods}
     start = time.perf_counter()
     result = {
         "device": device_name(device), "torch": torch.__version__, "threads": args.threads,
