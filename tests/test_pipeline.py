@@ -36,7 +36,7 @@ def project(tmp_path_factory, shared_data):
                                                         "budget": {"default": {"episodes": 20}}},
                          "param_prediction": {"kind": "param_prediction", "queries": 5,
                                               "budget": {"default": {"episodes": 100000, "seconds": 2}},  # the cap ends it
-                                              "pretrain": {"budget": {"default": {"seconds": 3}}}}}
+                                              "pretrain": {"budget": {"default": {"epochs": 100, "seconds": 3}}}}}  # the cap ends it
     params["train"].update(val_every=20, validation={"ways": 5, "shots": 1, "queries": 5, "episodes": 50})
     params["shift"].update(methods=["protonet", "fomaml"], tasks=3, corruptions=["gaussian_noise", "fog"])
     params["tta"]["data"].update(source=str(shared_data), images=20, corruptions=["gaussian_noise", "fog"], severities=[5])
