@@ -1,4 +1,5 @@
-"""Atomic file output, checksums, and tensor directories (safetensors + JSON): never a partial file, never a pickle."""
+"""Atomic file output, checksums, tensor directories and training checkpoints (safetensors + JSON): never a partial
+file, never a pickle."""
 
 from __future__ import annotations
 
@@ -122,3 +123,56 @@ def read_tensor_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
     if not isinstance(config, dict):
         raise DataError(f"{path} must hold a JSON object")
     return config, load_tensors(directory / WEIGHTS_FILE)
+
+
+def _flatten(obj: Any, tensors: dict[str, Any], path: str) -> Any:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous()
+        return {"__tensor__": path}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, _flatten(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"__list__": [_flatten(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {path}")
+
+
+def _unflatten(obj: Any, tensors: dict[str, Any]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {k: _unflatten(v, tensors) for k, v in obj["__dict__"]}
+        if "__list__" in obj:
+            return [_unflatten(v, tensors) for v in obj["__list__"]]
+    return obj
+
+
+def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike) -> None:
+    """Atomically replace the training checkpoint in `directory` (a crash leaves the previous one intact): any nest
+    of dicts, lists, scalars and tensors, split into `state.safetensors` (tensors) and `state.json` (the structure)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Any] = {}
+    skeleton = _flatten(state, tensors, "state")
+    with atomic_path(directory, is_dir=True) as tmp:
+        tmp.mkdir()
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(skeleton))
+
+
+def load_checkpoint(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The saved state, or None when no checkpoint exists; a damaged one is a DataError, never unpickled."""
+    from metaflowlib.errors import DataError
+
+    directory = Path(directory)
+    if not (directory / "state.json").is_file():
+        return None
+    tensors = load_tensors(directory / "state.safetensors")
+    try:
+        return _unflatten(json.loads((directory / "state.json").read_text()), tensors)
+    except (json.JSONDecodeError, KeyError) as error:
+        raise DataError(f"checkpoint {directory} is damaged ({type(error).__name__}: {error}); delete it to start afresh") from None

@@ -3,18 +3,18 @@
 Parameter prediction (Qiao et al. 2018; Gidaris & Komodakis 2018) reads the
 activations of a feature map trained this way and frozen afterwards. The
 classifier is cosine with a learned scale (Gidaris & Komodakis, section 3.2):
-it shapes unit-norm activations, which are what the predictor reads. Like
-`MetaTrainer`, this loop imports no tracking library (metrics leave through
-`log`) and keeps the feature map that validates best.
+it shapes unit-norm activations, which are what the predictor reads. It runs
+on the one training loop (`metaflowlib.loop.Loop`): one step per minibatch,
+validation after each epoch, the feature map that validates best kept,
+checkpoints and resume; metrics leave through `log`.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from metaflowlib.episodes import TaskPool
 from metaflowlib.errors import DivergenceError
-from metaflowlib.runtime import PeakMemory, autocast
-from metaflowlib.train import LogFn
+from metaflowlib.loop import LogFn, Loop, Minibatches
+from metaflowlib.runtime import autocast
 
 
 @dataclass
@@ -56,11 +56,13 @@ def pretrain_feature_map(
     feature_map: nn.Module, pool: TaskPool, *, dim: int, batch_size: int, lr: float, scale: float,
     max_epochs: int | None, max_seconds: float | None, validate: Callable[[], float], seed: int = 0,
     precision: torch.dtype | None = None, log: LogFn | None = None, progress: bool = True, log_every: int = 50,
+    checkpoint_dir: Path | None = None, checkpoint_every: int = 500,
 ) -> PretrainResult:
     """Train `feature_map` (in place) to classify every class of `pool`; validate after each epoch.
 
     Returns with the feature map that scored best on `validate` (e.g. nearest-centroid
-    accuracy on validation tasks) loaded.
+    accuracy on validation tasks) loaded. `checkpoint_dir`: resume from / save to here
+    every `checkpoint_every` steps and on SIGINT/SIGTERM (see `Loop`).
     """
     if max_epochs is None and max_seconds is None:
         raise ValueError("a pre-training budget needs max_epochs or max_seconds")
@@ -68,49 +70,37 @@ def pretrain_feature_map(
     labels = torch.repeat_interleave(torch.arange(pool.num_classes, device=device), pool.counts.to(device))
     head = CosineClassifier(dim, pool.num_classes, scale).to(device)
     optimizer = torch.optim.Adam([*feature_map.parameters(), *head.parameters()], lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    log = log or (lambda metrics, step: None)
-    n, steps_per_epoch = labels.numel(), math.ceil(labels.numel() / batch_size)
-    seconds, step, epoch, history = 0.0, 0, 0, []
-    best_accuracy, best_epoch, best_state = -1.0, 0, copy.deepcopy(feature_map.state_dict())
+    batches = Minibatches(labels.numel(), batch_size, torch.Generator().manual_seed(seed), device)
+    per_epoch = len(batches)
 
-    def spent() -> bool:
-        return (max_epochs is not None and epoch >= max_epochs) or (max_seconds is not None and seconds >= max_seconds)
+    def step() -> dict[str, float]:
+        feature_map.train()
+        batch = batches.next()
+        with autocast(device, precision):
+            logits = head(feature_map(pool.examples[batch]))
+        loss = F.cross_entropy(logits, labels[batch])
+        if not torch.isfinite(loss):
+            raise DivergenceError(f"non-finite pre-training loss at step {loop.step + 1} (epoch {loop.step // per_epoch + 1}); "
+                                  "lower pretrain.lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"pretrain_loss": float(loss.detach()), "pretrain_accuracy": float((logits.argmax(-1) == labels[batch]).float().mean())}
 
-    with PeakMemory(device) as memory:
-        while not spent():
-            feature_map.train()
-            order = torch.randperm(n, generator=generator).to(device)
-            for start in range(0, n, batch_size):
-                began = time.perf_counter()
-                batch = order[start : start + batch_size]
-                with autocast(device, precision):
-                    logits = head(feature_map(pool.examples[batch]))
-                loss = F.cross_entropy(logits, labels[batch])
-                if not torch.isfinite(loss):
-                    raise DivergenceError(f"non-finite pre-training loss at step {step + 1} (epoch {epoch + 1}); lower pretrain.lr")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                seconds += time.perf_counter() - began
-                step += 1
-                loss = loss.detach()
-                if step % log_every == 0:
-                    train_accuracy = float((logits.argmax(-1) == labels[batch]).float().mean())
-                    log({"pretrain_loss": float(loss), "pretrain_accuracy": train_accuracy}, step)
-                if max_seconds is not None and seconds >= max_seconds:
-                    break
-            epoch += 1
-            feature_map.eval()
-            accuracy = validate()
-            epochs_done = step / steps_per_epoch
-            history.append({"epoch": epochs_done, "step": step, "pretrain_loss": float(loss), "val_accuracy": accuracy})
-            log({"val_accuracy": accuracy, "epoch": epochs_done}, step)
-            if accuracy > best_accuracy:
-                best_accuracy, best_epoch, best_state = accuracy, epoch, copy.deepcopy(feature_map.state_dict())
-            if progress:
-                print(f"pretrain epoch {epochs_done:.2f}: loss {float(loss):.4f}  val {accuracy:.4f}  best {best_accuracy:.4f}@{best_epoch}"
-                      f"  {seconds:.0f}s", flush=True)
-    feature_map.load_state_dict(best_state)
+    def validate_eval() -> float:
+        feature_map.eval()
+        return validate()
+
+    loop = Loop(
+        step, max_steps=None if max_epochs is None else max_epochs * per_epoch, max_seconds=max_seconds,
+        state={"feature_map": feature_map, "head": head, "optimizer": optimizer, "batches": batches},
+        validate=validate_eval, val_every=per_epoch, keep=feature_map, on_validation=lambda: {"epoch": loop.step / per_epoch},
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, log=log, log_every=log_every,
+        progress="log" if progress else "off", show=("pretrain_loss", "val_accuracy"), name="pretrain", device=device,
+    )
+    result = loop.run()
     feature_map.eval()
-    return PretrainResult(step / steps_per_epoch, step, seconds, best_accuracy, best_epoch, memory.peak_mb(), memory.kind, history)
+    history = [{key: row[key] for key in ("epoch", "step", "pretrain_loss", "val_accuracy")}
+               for row in result.history if "val_accuracy" in row]
+    return PretrainResult(result.steps / per_epoch, result.steps, result.seconds, result.best_score,
+                          math.ceil(result.best_step / per_epoch), result.peak_memory_mb, result.memory_kind, history)

@@ -1,9 +1,13 @@
-"""What every stage script shares: the project root, params, and one way to fail."""
+"""What every stage script shares: the project root, params, one way to fail, and resumable checkpoints."""
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
+import shutil
 import sys
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -49,4 +53,58 @@ def method_key() -> str:
     return sys.argv[1]
 
 
-__all__ = ["ROOT", "PREPARED", "declared", "params", "method_key", "run_guarded"]
+@dataclass(frozen=True)
+class Checkpoints:
+    """`checkpoints/<name>/` of one training: the loop's checkpoint (`state/`), the MLflow run it logs to, and a
+    fingerprint of what it trains. A rerun resumes both only when the fingerprint matches, and starts afresh
+    otherwise; a finished stage removes them."""
+
+    top: Path  # <project>/checkpoints
+    name: str  # e.g. "<key>", "<key>/pretrain", "tta_source/<kind>"
+    fingerprint: str
+
+    @classmethod
+    def of(cls, root: Path, name: str, trains: dict) -> Checkpoints:
+        """`trains`: JSON of everything the result depends on (params, the data's and a start point's identity)."""
+        digest = hashlib.sha256(json.dumps(trains, sort_keys=True).encode()).hexdigest()[:16]
+        return cls(root / "checkpoints", name, digest)
+
+    @property
+    def directory(self) -> Path:
+        return self.top / self.name
+
+    @property
+    def state(self) -> Path:
+        return self.directory / "state"
+
+    def resume_run_id(self) -> str | None:
+        """The MLflow run of a matching interrupted run, or None (and a clean slate) otherwise."""
+        marker, run_file = self.directory / "fingerprint", self.directory / "mlflow_run_id"
+        if marker.is_file() and run_file.is_file() and marker.read_text() == self.fingerprint:
+            return run_file.read_text().strip()
+        self.remove()
+        return None
+
+    def started(self, run_id: str) -> None:
+        """Record the run a rerun resumes into."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / "mlflow_run_id").write_text(run_id)
+        (self.directory / "fingerprint").write_text(self.fingerprint)
+
+    def remove(self) -> None:
+        """The checkpoint (with any half-written one a kill left), and this directory's files; another training's
+        checkpoints nested inside (e.g. `<key>/pretrain` in train@<key>'s `<key>`) stay."""
+        if not self.directory.is_dir():
+            return
+        for path in self.directory.iterdir():
+            if path.is_dir() and (path == self.state or path.name.startswith(f".{self.state.name}.")):
+                shutil.rmtree(path, ignore_errors=True)
+            elif not path.is_dir():
+                path.unlink(missing_ok=True)
+        directory = self.directory
+        while directory != self.top and not any(directory.iterdir()):  # and empty parents, e.g. tta_source/
+            directory.rmdir()
+            directory = directory.parent
+
+
+__all__ = ["ROOT", "PREPARED", "Checkpoints", "declared", "params", "method_key", "run_guarded"]

@@ -5,6 +5,7 @@ Outputs: models/learned_optimizer/ (omega: safetensors + JSON), runs/learned_opt
 Registered as `<prefix>-<optimizer.name>` and gated on the loss drop it reaches on validation tasks;
 the first version is promoted when none is in production and `registry.promote_first` is set.
 A divergence (in meta-training or on the validation tasks) stops the stage: nothing is saved or registered.
+An interrupted run resumes from checkpoints/learned_optimizer/ into the same MLflow run when the params match.
 """
 
 from __future__ import annotations
@@ -12,11 +13,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import sys
-import time
 from pathlib import Path
 
-from _stage import PREPARED, ROOT, params, run_guarded
+from _stage import PREPARED, ROOT, Checkpoints, params, run_guarded
 
 from metaflowlib import registry, tracking
 from metaflowlib.config import Params
@@ -38,11 +37,8 @@ MODEL_DIR = Path("models") / "learned_optimizer"
 RUN_FILE = Path("runs") / "learned_optimizer" / "train.json"
 CURVE_FILE = Path("metrics") / "learned_optimizer" / "meta_curve.csv"
 GATE_METRIC = "val_loss_drop"  # mean 1 - final / initial training loss on the validation tasks: higher is better
-LOG_EVERY = 20  # meta-steps per progress line and per batch of MLflow metrics
-
-
-class _BudgetSpent(Exception):
-    """Raised by the logging callback when the time budget is spent, after a complete meta-step."""
+LOG_EVERY = 20  # meta-steps per progress line and per batch of MLflow metrics (their means)
+CHECKPOINT_EVERY = 100  # meta-steps between checkpoints: a few seconds of work at the params' sizes
 
 
 def protocol(p: Params) -> str:
@@ -56,32 +52,18 @@ def protocol(p: Params) -> str:
     return f"{p.data.name}+fashion-mnist/h{op.meta_train.horizon}/{digest}"
 
 
-def meta_train(p: Params, net: LSTMOptimizerNet, pools: dict[str, ImagePool], device, log) -> tuple[list[dict], float]:
-    """Truncated BPTT until the profile's budget (meta-steps or seconds) is spent; returns the history and seconds."""
+def meta_train(p: Params, net: LSTMOptimizerNet, pools: dict[str, ImagePool], device, log,
+               checkpoint_dir: Path | None) -> tuple[list[dict], float]:
+    """Truncated BPTT until the profile's budget (meta-steps and/or seconds) is spent; returns the history
+    (one row per meta-step, counted from 0 as the curve always was) and the seconds."""
     mt = p.optimizer.meta_train
     budget = getattr(mt.budget, p.profile)
-    history: list[dict] = []
-    start = time.perf_counter()
-
-    def record(metrics: dict[str, float], step: int) -> None:
-        history.append({"step": step, **metrics})
-        if (step + 1) % LOG_EVERY == 0:
-            recent = history[-LOG_EVERY:]
-            mean = {k: sum(h[k] for h in recent) / len(recent) for k in ("meta_loss", "loss")}
-            log(mean, step)
-            print(f"optimizer_train: meta-step {step + 1}/{budget.steps or '-'}  meta-loss {mean['meta_loss']:.4f}  "
-                  f"{time.perf_counter() - start:.0f}s", flush=True)
-        if budget.seconds is not None and time.perf_counter() - start >= budget.seconds:
-            raise _BudgetSpent
-
-    distribution = meta_training_distribution(p.optimizer, pools, device)
-    try:
-        meta_train_optimizer(net, distribution, steps=budget.steps or sys.maxsize, unroll=mt.unroll,
-                             horizon=mt.horizon, lr=mt.lr, seed=p.optimizer.seed,
-                             divergence_factor=mt.divergence_factor, log=record)
-    except _BudgetSpent:
-        pass
-    return history, time.perf_counter() - start
+    result = meta_train_optimizer(net, meta_training_distribution(p.optimizer, pools, device), steps=budget.steps,
+                                  max_seconds=budget.seconds, unroll=mt.unroll, horizon=mt.horizon, lr=mt.lr,
+                                  seed=p.optimizer.seed, divergence_factor=mt.divergence_factor, log=log,
+                                  log_every=LOG_EVERY, checkpoint_dir=checkpoint_dir, checkpoint_every=CHECKPOINT_EVERY,
+                                  progress=True)
+    return [{**row, "step": row["step"] - 1} for row in result.history], result.seconds
 
 
 def validate(p: Params, net: LSTMOptimizerNet, pools: dict[str, ImagePool], device) -> float:
@@ -107,15 +89,22 @@ def train_and_register(p: Params, root: Path, pools: dict[str, ImagePool]) -> di
     device = resolve_device(p.device)
     seed_everything(op.seed)
     net = LSTMOptimizerNet(**op.net.model_dump()).to(device)
+    checkpoints = Checkpoints.of(root, "learned_optimizer", {"optimizer": op.model_dump(mode="json"), "profile": p.profile,
+                                                              "data": p.data.model_dump(mode="json")})
+    run_id = checkpoints.resume_run_id()
     tracking.configure(p.mlflow.tracking_uri)
     tags = {"stage": "optimizer_train", "method": "learned_optimizer", "profile": p.profile, "dataset": p.data.name,
             **tracking.system_tags(device)}
-    with tracking.start_run(p.experiment, p.mlflow.artifact_location, run_name="optimizer_train", tags=tags) as run:
-        mlflow.log_params(tracking.flatten_params({"optimizer": op.model_dump(mode="json"), "profile": p.profile}))
+    with tracking.start_run(p.experiment, p.mlflow.artifact_location, run_name="optimizer_train", tags=tags,
+                            run_id=run_id) as run:
+        if run_id is None:
+            mlflow.log_params(tracking.flatten_params({"optimizer": op.model_dump(mode="json"), "profile": p.profile}))
+        checkpoints.started(run.info.run_id)
         try:
-            history, seconds = meta_train(p, net, pools, device, tracking.MetricLogger(run.info.run_id))
+            history, seconds = meta_train(p, net, pools, device, tracking.MetricLogger(run.info.run_id), checkpoints.state)
             gate = validate(p, net, pools, device)
         except DivergenceError as error:
+            checkpoints.remove()  # a rerun from the last checkpoint would diverge the same way
             mlflow.set_tag("diverged", "true")
             raise DivergenceError(f"{error}; refusing to save or register a diverged optimizer") from None
         except Interrupted:
@@ -142,6 +131,7 @@ def train_and_register(p: Params, root: Path, pools: dict[str, ImagePool]) -> di
     out = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "model_uri": model_uri, "name": name,
            "version": version.version, "promoted": promoted is not None, **costs}
     write_json(root / RUN_FILE, out)
+    checkpoints.remove()
     return out
 
 

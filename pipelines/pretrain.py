@@ -8,6 +8,7 @@ served and registered like any method) under `<registered name>-embedding`.
 For the other methods there is nothing to do, and the stage says so.
 
 Outputs: pretrained/<key>/ (the embedding omega, or `none.json`), runs/<key>/pretrain.json.
+An interrupted run resumes from checkpoints/<key>/pretrain/ into the same MLflow run when the params match.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from __future__ import annotations
 import json
 
 import torch
-from _stage import PREPARED, ROOT, method_key, params, run_guarded
+from _stage import PREPARED, ROOT, Checkpoints, method_key, params, run_guarded
 
 from metaflowlib import registry, tracking
 from metaflowlib.artifacts import save_meta_knowledge
 from metaflowlib.data.store import load_pool, log_splits
+from metaflowlib.errors import Interrupted
 from metaflowlib.evaluate import embed_pool, evaluate_setting
 from metaflowlib.io import WEIGHTS_FILE, atomic_path, sha256_file, write_json
 from metaflowlib.config.methods import method_spec
@@ -63,20 +65,33 @@ def main() -> None:
         return evaluate_setting(embedding, val_pool, features, v.ways, v.shots, v.queries, v.episodes, p.seed + 1,
                                 p.evaluate.batch_tasks, dtype).accuracy
 
+    checkpoints = Checkpoints.of(ROOT, f"{key}/pretrain", {
+        "pretrain": pretrain.model_dump(mode="json"), "budget": budget.model_dump(mode="json"), "config": config,
+        "data": p.data.model_dump(mode="json"), "seed": p.seed, "profile": p.profile, "validation": v.model_dump(mode="json"),
+        "precision": p.train.precision, "channels_last": p.train.channels_last})
+    run_id = checkpoints.resume_run_id()
     tracking.configure(p.mlflow.tracking_uri)
     tags = {"method": mp.kind, "method_key": key, "stage": f"pretrain@{key}", "profile": p.profile, "dataset": p.data.name,
             **tracking.system_tags(device)}
     name = f"{p.registered_name(key)}-embedding"
-    with tracking.start_run(p.experiment, p.mlflow.artifact_location, run_name=f"{key}-pretrain", tags=tags) as run:
-        mlflow.log_params(tracking.flatten_params({"pretrain": pretrain.model_dump(mode="json"), "seed": p.seed,
-                                                   "profile": p.profile, "budget": budget.model_dump(mode="json")}))
+    with tracking.start_run(p.experiment, p.mlflow.artifact_location, run_name=f"{key}-pretrain", tags=tags,
+                            run_id=run_id) as run:
+        if run_id is None:
+            mlflow.log_params(tracking.flatten_params({"pretrain": pretrain.model_dump(mode="json"), "seed": p.seed,
+                                                       "profile": p.profile, "budget": budget.model_dump(mode="json")}))
         log_splits(PREPARED, {"train": "training", "val": "validation"})  # val picks the best epoch
-        result = pretrain_feature_map(
-            embedding.embedding, train_pool, dim=conv4_output_dim(p.data.image_size, config["hidden"]),
-            batch_size=pretrain.batch_size, lr=pretrain.lr, scale=pretrain.scale, max_epochs=budget.epochs,
-            max_seconds=budget.seconds, validate=validate, seed=p.seed, precision=dtype,
-            log=tracking.MetricLogger(run.info.run_id), progress=p.train.progress != "off",
-        )
+        checkpoints.started(run.info.run_id)
+        try:
+            result = pretrain_feature_map(
+                embedding.embedding, train_pool, dim=conv4_output_dim(p.data.image_size, config["hidden"]),
+                batch_size=pretrain.batch_size, lr=pretrain.lr, scale=pretrain.scale, max_epochs=budget.epochs,
+                max_seconds=budget.seconds, validate=validate, seed=p.seed, precision=dtype,
+                log=tracking.MetricLogger(run.info.run_id), progress=p.train.progress != "off",
+                checkpoint_dir=checkpoints.state, checkpoint_every=p.train.checkpoint_every,
+            )
+        except Interrupted:
+            mlflow.end_run(status="KILLED")
+            raise
         costs = {"pretrain_seconds": result.seconds, "pretrain_epochs": result.epochs, "pretrain_steps": result.steps,
                  "pretrain_peak_memory_mb": result.peak_memory_mb, "pretrain_best_val_accuracy": result.best_val_accuracy}
         mlflow.log_metrics(costs)
@@ -97,6 +112,7 @@ def main() -> None:
         )
     write_json(record, {"pretrained": True, "run_id": run.info.run_id, "model_uri": model_uri, "registered_name": name,
                         "registered_version": version.version, "weights_sha256": weights_sha256, **costs})
+    checkpoints.remove()
     print(f"pretrain@{key}: {result.epochs:.1f} epochs in {result.seconds:.0f}s, val nearest-centroid "
           f"{100 * result.best_val_accuracy:.2f}%; pretrained/{key}/, registered {name} version {version.version}")
 

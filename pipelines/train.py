@@ -13,13 +13,12 @@ import csv
 import hashlib
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 import torch
-from _stage import PREPARED, ROOT, method_key, params, run_guarded
+from _stage import PREPARED, ROOT, Checkpoints, method_key, params, run_guarded
 
 from metaflowlib import distributed, tracking
 from metaflowlib.artifacts import load_meta_knowledge, save_meta_knowledge
@@ -63,12 +62,11 @@ def diagnoser(pool, mp, seed: int):
     return lambda method: method.diagnostics(episode)
 
 
-def fingerprint(p: Params, key: str, pretrained: dict) -> str:
-    """Identifies what a checkpoint was trained for: resuming under other params or another feature map starts afresh."""
-    relevant = {"method": method_spec(p, key).flat(), "data": p.data.model_dump(mode="json"),
-                "seed": p.seed, "profile": p.profile, "train": p.train.model_dump(mode="json"),
-                "pretrained": pretrained.get("weights_sha256")}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+def trained_for(p: Params, key: str, pretrained: dict) -> dict:
+    """What a checkpoint was trained for: resuming under other params or another feature map starts afresh."""
+    return {"method": method_spec(p, key).flat(), "data": p.data.model_dump(mode="json"),
+            "seed": p.seed, "profile": p.profile, "train": p.train.model_dump(mode="json"),
+            "pretrained": pretrained.get("weights_sha256")}
 
 
 def main() -> None:
@@ -118,12 +116,12 @@ def train(p: Params, key: str, device: torch.device, group: distributed.Distribu
     optimizer, scheduler = build_meta_optimizer(method, **mp.meta_optimizer.model_dump(exclude={"grad_clip"}),
                                                 total_steps=budget.episodes)
 
-    checkpoints = ROOT / "checkpoints" / key
+    checkpoints = Checkpoints.of(ROOT, key, trained_for(p, key, pretrained))
 
     def trainer(log: tracking.MetricLogger | None, progress: str) -> MetaTrainer:
         return MetaTrainer(
             method, sampler, optimizer, scheduler, validate=validator(val_pool, p, dtype), val_every=mp.val_every or p.train.val_every,
-            max_episodes=budget.episodes, max_seconds=budget.seconds, checkpoint_dir=checkpoints / "state",
+            max_episodes=budget.episodes, max_seconds=budget.seconds, checkpoint_dir=checkpoints.state,
             checkpoint_every=p.train.checkpoint_every, log=log, precision=dtype,
             grad_clip=mp.meta_optimizer.grad_clip, progress=progress, distributed=group,
             diagnose=diagnoser(val_pool, mp, p.seed + 2),
@@ -133,8 +131,7 @@ def train(p: Params, key: str, device: torch.device, group: distributed.Distribu
         trainer(None, "off").run()
         return
 
-    expected = fingerprint(p, key, pretrained)
-    run_id = resume_run_id(checkpoints, expected)
+    run_id = checkpoints.resume_run_id()
     tracking.configure(p.mlflow.tracking_uri)
     tags = {"method": mp.kind, "method_key": key, "stage": f"train@{key}", "profile": p.profile,
             "dataset": p.data.name, "data_digest": hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16],
@@ -146,9 +143,7 @@ def train(p: Params, key: str, device: torch.device, group: distributed.Distribu
                                                         "train": p.train.model_dump(mode="json"), "seed": p.seed, "profile": p.profile,
                                                         "budget": budget.model_dump(mode="json")}))
         log_splits(PREPARED, {"train": "training", "val": "validation"})
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        (checkpoints / "mlflow_run_id").write_text(run.info.run_id)
-        (checkpoints / "fingerprint").write_text(expected)
+        checkpoints.started(run.info.run_id)
         try:
             result = trainer(tracking.MetricLogger(run.info.run_id), progress).run()
         except Interrupted:
@@ -177,7 +172,7 @@ def train(p: Params, key: str, device: torch.device, group: distributed.Distribu
         write_json(ROOT / "runs" / key / "train.json", {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
                                                         "model_uri": model_uri, "memory_kind": result.memory_kind, "budget_capped": capped,
                                                         **costs, **feature_map})
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    checkpoints.remove()
     print(f"train@{key}: {result.episodes} episodes in {result.seconds:.0f}s ({result.episodes_per_second:.2f} ep/s), "
           f"best val {result.best_val_accuracy:.4f}; omega in models/{key}/, MLflow run {run.info.run_id}, "
           f"runs table {tracking.ui_link(run.info.experiment_id)}")
@@ -194,15 +189,6 @@ def load_pretrained(method, key: str) -> dict:
     embedding, _ = load_meta_knowledge(ROOT / "pretrained" / key)
     getattr(method, method.pretrained_module).load_state_dict(embedding.embedding.state_dict())
     return read_json(record_path)
-
-
-def resume_run_id(checkpoints, expected: str) -> str | None:
-    """The MLflow run of a matching interrupted run, or None (and a clean slate) otherwise."""
-    marker, run_file = checkpoints / "fingerprint", checkpoints / "mlflow_run_id"
-    if marker.is_file() and run_file.is_file() and marker.read_text() == expected:
-        return run_file.read_text().strip()
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    return None
 
 
 def write_curve(path, history: list[dict]) -> None:

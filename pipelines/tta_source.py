@@ -4,7 +4,9 @@ Outputs: models/tta/{source,ttt}/ (safetensors + JSON), runs/tta/source.json
 (MLflow runs, registered versions), metrics/tta/clean.json (clean test
 accuracy, training cost). Registered as `<tta.model_prefix>-source` and
 `-ttt`, gated on clean test accuracy; the first version of each is promoted
-when none is in production and `registry.promote_first` is set.
+when none is in production and `registry.promote_first` is set. An interrupted
+run resumes from checkpoints/tta_source/<kind>/ into the same MLflow run when the
+params match; a classifier already registered by it is not trained again.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _stage import ROOT, params, run_guarded
+from _stage import ROOT, Checkpoints, params, run_guarded
 
 from metaflowlib import registry, tracking
 from metaflowlib.config import Params
 from metaflowlib.config.tta import TTAParams
 from metaflowlib.data.fashion_mnist import CLASSES, load_fashion_mnist
-from metaflowlib.io import write_json
+from metaflowlib.errors import Interrupted
+from metaflowlib.io import read_json, write_json
 from metaflowlib.runtime import resolve_device, resolve_precision, seed_everything
 from metaflowlib.tta.classifier import (
     KINDS,
@@ -34,6 +37,7 @@ MODELS = Path("models") / "tta"
 RUNS_FILE = Path("runs") / "tta" / "source.json"
 CLEAN_METRICS = Path("metrics") / "tta" / "clean.json"
 GATE_METRIC = "acc_clean"  # registry tag: a new version must beat production's clean test accuracy
+CHECKPOINT_EVERY = 200  # minibatches between checkpoints: about an epoch of 60000 images at the params' batch size
 IMAGE_SIZE = 28
 DESCRIPTIONS = {
     "source": "Conv-4 + BatchNorm classifier trained on cross-entropy: the model the source, bn and tent strategies adapt",
@@ -54,8 +58,16 @@ def train_and_register(p: Params, root: Path) -> dict:
         keep = np.random.default_rng(p.tta.seed).permutation(len(labels))[: t.train_images]
         images, labels = images[keep], labels[keep]
     tracking.configure(p.mlflow.tracking_uri)
-    out = {}
+    out, trained = {}, []
     for kind in KINDS:
+        checkpoints = Checkpoints.of(root, f"tta_source/{kind}", {
+            "training": t.model_dump(mode="json"), "kind": kind, "seed": p.tta.seed, "channels_last": p.tta.channels_last,
+            "data": p.tta.data.source, "train_images": len(labels), "registered_name": p.tta.registered_name(kind)})
+        trained.append(checkpoints)
+        run_id, done = checkpoints.resume_run_id(), checkpoints.directory / "registered.json"
+        if run_id is not None and done.is_file():  # trained and registered before the interruption
+            out[kind] = read_json(done)
+            continue
         seed_everything(p.tta.seed)  # the twin starts from the same seed and sees the same batches
         config = {"num_classes": len(CLASSES), "image_size": IMAGE_SIZE, "hidden": t.hidden,
                   **({"shared_blocks": t.shared_blocks} if kind == "ttt" else {})}
@@ -63,12 +75,20 @@ def train_and_register(p: Params, root: Path) -> dict:
         if p.tta.channels_last:
             model = model.to(memory_format=torch.channels_last)
         tags = {"stage": "tta_source", "kind": kind, "dataset": "fashion-mnist", **tracking.system_tags(device)}
-        with tracking.start_run(p.tta.experiment, p.mlflow.artifact_location, run_name=f"tta_source@{kind}", tags=tags) as run:
-            mlflow.log_params(tracking.flatten_params({"training": t.model_dump(mode="json"), "kind": kind,
-                                                        "seed": p.tta.seed, "train_images": len(labels)}))
-            result = train_classifier(model, kind, images, labels, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
-                                      seed=p.tta.seed, device=device, dtype=dtype, channels_last=p.tta.channels_last,
-                                      log=tracking.MetricLogger(run.info.run_id))
+        with tracking.start_run(p.tta.experiment, p.mlflow.artifact_location, run_name=f"tta_source@{kind}", tags=tags,
+                                run_id=run_id) as run:
+            if run_id is None:
+                mlflow.log_params(tracking.flatten_params({"training": t.model_dump(mode="json"), "kind": kind,
+                                                            "seed": p.tta.seed, "train_images": len(labels)}))
+            checkpoints.started(run.info.run_id)
+            try:
+                result = train_classifier(model, kind, images, labels, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
+                                          seed=p.tta.seed, device=device, dtype=dtype, channels_last=p.tta.channels_last,
+                                          log=tracking.MetricLogger(run.info.run_id), checkpoint_dir=checkpoints.state,
+                                          checkpoint_every=CHECKPOINT_EVERY, progress=True)
+            except Interrupted:
+                mlflow.end_run(status="KILLED")
+                raise
             clean = accuracy(model, data["test"].images, data["test"].labels, device)
             costs = {GATE_METRIC: clean, "train_seconds": result.seconds, "train_steps": result.steps}
             mlflow.log_metrics(costs)
@@ -85,8 +105,11 @@ def train_and_register(p: Params, root: Path) -> dict:
         )
         out[kind] = {"name": name, "version": version.version, "run_id": run.info.run_id, "model_uri": model_uri,
                      "promoted": promoted is not None, **costs}
+        write_json(done, out[kind])
     write_json(root / RUNS_FILE, out)
     write_json(root / CLEAN_METRICS, {kind: {k: v[k] for k in (GATE_METRIC, "train_seconds")} for kind, v in out.items()})
+    for checkpoints in trained:
+        checkpoints.remove()
     return out
 
 

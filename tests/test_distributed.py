@@ -230,6 +230,7 @@ class SignalAfter:
 
 def loop_worker(out: Path) -> None:
     """Under torchrun: a straight run, a run that rank 1 alone is signalled to stop, and its resumption."""
+    import metaflowlib.loop
     import metaflowlib.train as loop
     from metaflowlib.errors import Interrupted
     from metaflowlib.methods import ProtoNet
@@ -237,13 +238,13 @@ def loop_worker(out: Path) -> None:
     torch.set_num_threads(1)
     group = init_from_env(torch.device("cpu"))
     calls = {"save": 0, "validate": 0, "log": 0}
-    save = loop.save_checkpoint
+    save = metaflowlib.loop.save_checkpoint
 
     def counted_save(state: dict, directory: Path) -> None:
         calls["save"] += 1
         save(state, directory)
 
-    loop.save_checkpoint = counted_save
+    metaflowlib.loop.save_checkpoint = counted_save
 
     def validate(method: MetaLearner) -> float:
         calls["validate"] += 1
@@ -292,8 +293,9 @@ def test_torchrun_training_keeps_one_omega_and_one_writer(tmp_path, one_thread):
     assert r0["calls"]["save"] > 0 and r0["calls"]["validate"] > 0 and r0["calls"]["log"] > 0
     assert r1["calls"] == {"save": 0, "validate": 0, "log": 0}
     checkpoint = load_checkpoint(tmp_path / "straight")
-    assert checkpoint["processes"] == WORLD and checkpoint["episode"] == 6
-    assert checkpoint["sampler"].shape[0] == WORLD and not torch.equal(checkpoint["sampler"][0], checkpoint["sampler"][1])
+    sampler = checkpoint["state"]["sampler"]
+    assert checkpoint["processes"] == WORLD and checkpoint["step"] == 6
+    assert sampler.shape[0] == WORLD and not torch.equal(sampler[0], sampler[1])
 
 
 if __name__ == "__main__":

@@ -237,7 +237,7 @@ def test_classifier_tasks_meta_train_and_run(model):
 
     torch.manual_seed(0)
     net = LSTMOptimizerNet()
-    history = meta_train_optimizer(net, factory, steps=2, unroll=2, horizon=2, seed=0)
+    history = meta_train_optimizer(net, factory, steps=2, unroll=2, horizon=2, seed=0).history
     assert len(history) == 2 and all(math.isfinite(h["meta_loss"]) for h in history)
     losses = run_optimizee(factory(5), net, 3)
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)

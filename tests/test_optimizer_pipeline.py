@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 
 import mlflow
 import numpy as np
@@ -15,7 +17,7 @@ from conftest import ROOT, class_images, load_stage as stage
 from metaflowlib import registry
 from metaflowlib.config import parse_params
 from metaflowlib.config.learned_optimizer import LearnedOptimizerParams
-from metaflowlib.errors import ConfigError, DataError, DivergenceError, PayloadError, RegistryError
+from metaflowlib.errors import ConfigError, DataError, DivergenceError, Interrupted, PayloadError, RegistryError
 from metaflowlib.learned_optimizer.learned import LSTMOptimizerNet, save_optimizer
 from metaflowlib.learned_optimizer.suites import build_pools
 
@@ -95,7 +97,7 @@ def test_a_diverged_optimizer_is_never_saved_or_registered(tmp_path, mlflow_stor
     with pytest.raises(DivergenceError, match="refusing to save or register a diverged optimizer"):
         train.train_and_register(tiny_params(net={"output_scale": 1e6}), tmp_path, pools)  # diverges in meta-training
     # an optimizer that meta-trains without incident but diverges on the validation tasks is refused too
-    monkeypatch.setattr(train, "meta_train", lambda p, net, pools, device, log: ([{"step": 0}], 0.0))
+    monkeypatch.setattr(train, "meta_train", lambda p, net, pools, device, log, checkpoint_dir: ([{"step": 0}], 0.0))
     with pytest.raises(DivergenceError, match=r"diverged on validation task .*refusing to save or register"):
         train.train_and_register(tiny_params(net={"output_scale": 1e6}), tmp_path, pools)
     assert not (tmp_path / "models" / "learned_optimizer").exists()
@@ -103,6 +105,35 @@ def test_a_diverged_optimizer_is_never_saved_or_registered(tmp_path, mlflow_stor
     assert not any(m.name == NAME for m in mlflow.MlflowClient().search_registered_models())
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert len(runs) == 2 and all(r.info.status == "FAILED" and r.data.tags["diverged"] == "true" for r in runs)
+
+
+def test_an_interrupted_run_resumes_into_its_mlflow_run(tmp_path, mlflow_store, pools):
+    train = stage("optimizer_train")
+    distribution = train.meta_training_distribution
+    drawn = []
+
+    def signalling(op, pools, device):
+        tasks = distribution(op, pools, device)
+
+        def factory(seed: int):
+            drawn.append(seed)
+            if len(drawn) == 2:  # the second task, drawn by meta-step 3 of 4: SIGTERM stops the loop after it
+                os.kill(os.getpid(), signal.SIGTERM)
+            return tasks(seed)
+
+        return factory
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(Interrupted, match="interrupted at step 3 by SIGTERM; checkpoint"):
+        patch.setattr(train, "meta_training_distribution", signalling)
+        train.train_and_register(tiny_params(), tmp_path, pools)
+    checkpoints = tmp_path / "checkpoints" / "learned_optimizer"
+    run_id = (checkpoints / "mlflow_run_id").read_text()
+    assert mlflow.get_run(run_id).info.status == "KILLED" and not (tmp_path / "models" / "learned_optimizer").exists()
+    out = train.train_and_register(tiny_params(), tmp_path, pools)  # resumes mid-horizon: the factory rebuilds task 2
+    assert out["run_id"] == run_id and out["meta_train_steps"] == 4 and mlflow.get_run(run_id).info.status == "FINISHED"
+    curve = (tmp_path / "metrics" / "learned_optimizer" / "meta_curve.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in curve] == ["step", "0", "1", "2", "3"]  # the rows before the stop too
+    assert not checkpoints.exists()
 
 
 def test_eval_without_production_says_how_to_get_one(tmp_path, mlflow_store, pools):

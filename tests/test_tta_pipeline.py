@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 
 import mlflow
 import numpy as np
@@ -19,7 +21,7 @@ from metaflowlib.config import parse_params
 from metaflowlib.config.learned_optimizer import LearnedOptimizerParams
 from metaflowlib.config.tta import TTAParams, TentStrategy
 from metaflowlib.data.fashion_mnist import FILES, IMAGES_MAGIC, LABELS_MAGIC
-from metaflowlib.errors import ConfigError, DataError, PayloadError, RegistryError
+from metaflowlib.errors import ConfigError, DataError, Interrupted, PayloadError, RegistryError
 from metaflowlib.models import BatchNorm2d
 from metaflowlib.tta.benchmark import adapter_options, evaluate_strategy
 from metaflowlib.tta.classifier import build_classifier
@@ -141,6 +143,37 @@ def test_missing_production_alias_says_how_to_promote(project):
     for name in (SOURCE, TTT):
         assert "promoted" in registry.promote(name, "1", "ignored: the version names its own gate metric")
     assert stage("production").resolve(p, root, "tta")["source"]["version"] == "1"
+
+
+def test_an_interrupted_run_resumes_and_trains_no_classifier_twice(project):
+    from metaflowlib.tta import classifier
+
+    root, data = project
+    p = tiny_params(data)
+    losses, calls = classifier.training_loss, []
+
+    def signalling(kind: str):
+        loss = losses(kind)
+
+        def on_second_ttt_batch(model, x, y):
+            calls.append(kind)
+            if calls.count("ttt") == 2:  # the twin's second minibatch of 7: SIGTERM stops the loop after it
+                os.kill(os.getpid(), signal.SIGTERM)
+            return loss(model, x, y)
+
+        return on_second_ttt_batch
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(Interrupted, match=r"at step 2 by SIGTERM; checkpoint in .*tta_source/ttt"):
+        patch.setattr(classifier, "training_loss", signalling)
+        stage("tta_source").train_and_register(p, root)
+    ttt_run = (root / "checkpoints" / "tta_source" / "ttt" / "mlflow_run_id").read_text()
+    source_run = (root / "checkpoints" / "tta_source" / "source" / "mlflow_run_id").read_text()
+    assert mlflow.get_run(ttt_run).info.status == "KILLED" and mlflow.get_run(source_run).info.status == "FINISHED"
+    trained = stage("tta_source").train_and_register(p, root)
+    assert (trained["source"]["run_id"], trained["ttt"]["run_id"]) == (source_run, ttt_run)
+    assert trained["source"]["version"] == trained["ttt"]["version"] == "1"  # the source classifier was not retrained
+    assert trained["ttt"]["train_steps"] == 7 and mlflow.get_run(ttt_run).info.status == "FINISHED"
+    assert not (root / "checkpoints" / "tta_source").exists()
 
 
 def test_promotion_gate_compares_clean_accuracy(project):

@@ -2,7 +2,7 @@
 
 Every case takes a plain dict (so a fresh worker process can run it from the
 command line) and builds what it measures from our components: the method, the
-episode sampler and the one training loop (`MetaTrainer.meta_step`), exactly
+episode sampler and meta-training's step (`MetaTrainer.meta_step`), exactly
 what `dvc repro` runs. Peers get the same episodes, the same backbone and the
 same initialization.
 """

@@ -104,7 +104,7 @@ class LauncherParams(Strict):
 class TrainParams(Strict):
     val_every: int = Field(250, ge=1)  # episodes between validations (best omega by val accuracy is kept)
     validation: ValidationParams = ValidationParams()
-    checkpoint_every: int = Field(500, ge=1)
+    checkpoint_every: int = Field(500, ge=1)  # episodes (pretrain@: minibatches) between checkpoints; results do not depend on it
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where the CPU/GPU supports it
     channels_last: bool = True  # oneDNN's fast path on CPU; Tensor Cores' on GPU
     progress: Literal["auto", "bar", "log", "off"] = "auto"  # auto: a bar on a terminal, a line per validation otherwise

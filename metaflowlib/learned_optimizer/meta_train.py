@@ -12,6 +12,10 @@ updates phi, theta and h are detached, and the trajectory goes on until
 `horizon` steps, when a new task is drawn. The gradients fed to the LSTM are
 constants (no create_graph), which drops the optimizee's second derivatives
 as the paper does.
+
+Each unroll is one step of the training loop (`metaflowlib.loop.Loop`); the
+trajectory in progress is a `Trajectory`, checkpointed with phi and Adam's
+state, so a resumed run goes on bitwise where it stopped.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +32,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metaflowlib.errors import DataError, DivergenceError
-from metaflowlib.methods.inner_optimizers import InnerOptimizer
 from metaflowlib.learned_optimizer.learned import LSTMOptimizerNet, LSTMState
+from metaflowlib.loop import LogFn, Loop, LoopResult
+from metaflowlib.methods.inner_optimizers import InnerOptimizer
 
 
 @dataclass(frozen=True)
@@ -109,82 +116,138 @@ def classifier_task(
     return OptimizeeTask(params=params, loss=loss)
 
 
+class Trajectory:
+    """The optimizee trajectory truncated BPTT is on: the task (by its seed; the factory rebuilds it), theta_t,
+    the LSTM memory h_t, grad f(theta_t) (what the next update reads), the position in the horizon and the
+    task's initial loss; with the generator of task seeds, which draws once per horizon."""
+
+    def __init__(self, task_factory: TaskFactory, seed: int, device: torch.device) -> None:
+        self.task_factory, self.device = task_factory, device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.index = 0  # tasks finished
+        self.seed: int | None = None  # of the task in progress; None between tasks
+        self.task: OptimizeeTask | None = None
+        self.position, self.initial = 0, math.nan
+        self.params: dict[str, Tensor] = {}
+        self.grads: dict[str, Tensor] = {}
+        self.memory: LSTMState | None = None
+
+    def begin(self, net: LSTMOptimizerNet, divergence_factor: float, step: int) -> None:
+        """Draw the next task and stand at theta_0 with its gradient."""
+        self.seed = int(torch.randint(2**31 - 1, (), generator=self.generator))
+        self.task = self.task_factory(self.seed)
+        self.params = {name: p.detach().requires_grad_() for name, p in self.task.params.items()}
+        self.memory = net.init_state(self.params)
+        loss = self.task.loss(self.params, 0)
+        self.initial = float(loss.detach())
+        _check_loss(self.initial, self.initial, divergence_factor, step, self.index, 0)
+        self.grads = _grads(loss, self.params, retain_graph=False)
+
+    def advance(self, params: dict[str, Tensor], memory: LSTMState, grads: dict[str, Tensor], steps: int,
+                horizon: int) -> None:
+        """Stand at theta_{t+steps}, cut from the graph; past the horizon, between tasks."""
+        self.params = {name: p.detach().requires_grad_() for name, p in params.items()}
+        self.memory = LSTMState(h=tuple(h.detach() for h in memory.h), c=tuple(c.detach() for c in memory.c))
+        self.grads, self.position = grads, self.position + steps
+        if self.position == horizon:
+            self.index, self.seed, self.task, self.position = self.index + 1, None, None, 0
+            self.params, self.grads, self.memory = {}, {}, None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "index": self.index, "seed": self.seed,
+                "position": self.position, "initial": self.initial, "params": {k: p.detach() for k, p in self.params.items()},
+                "grads": self.grads, "h": [] if self.memory is None else list(self.memory.h),
+                "c": [] if self.memory is None else list(self.memory.c)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.generator.set_state(state["generator"].clone())
+        self.index, self.seed, self.position, self.initial = state["index"], state["seed"], state["position"], state["initial"]
+        self.task = None if self.seed is None else self.task_factory(self.seed)
+        self.params = {k: p.to(self.device).requires_grad_() for k, p in state["params"].items()}
+        self.grads = {k: g.to(self.device) for k, g in state["grads"].items()}
+        self.memory = None if self.seed is None else LSTMState(h=tuple(h.to(self.device) for h in state["h"]),
+                                                               c=tuple(c.to(self.device) for c in state["c"]))
+
+
 def meta_train_optimizer(
     net: LSTMOptimizerNet,
     task_factory: TaskFactory,
     *,
-    steps: int,
+    steps: int | None,
     unroll: int = 20,
     horizon: int = 100,
     lr: float = 1e-3,
     seed: int = 0,
     divergence_factor: float = 1e3,
-    log: Callable[[dict[str, float], int], None] | None = None,
-) -> list[dict[str, float]]:
-    """Train phi (in place) by truncated BPTT; return one metrics dict per meta-step.
+    max_seconds: float | None = None,
+    log: LogFn | None = None,
+    log_every: int = 1,
+    checkpoint_dir: Path | None = None,
+    checkpoint_every: int = 100,
+    progress: bool = False,
+) -> LoopResult:
+    """Train phi (in place) by truncated BPTT; the result's history holds one row per meta-step.
 
     Args:
         net: the LSTM optimizer to train.
-        task_factory: seed -> a fresh optimizee task; called once per horizon.
-        steps: Adam updates of phi (each covers one unroll).
+        task_factory: seed -> a fresh optimizee task; called once per horizon (and on resuming mid-task).
+        steps / max_seconds: the budget: Adam updates of phi (each covers one unroll) and/or seconds.
         unroll: optimizee steps per truncation (20 in the paper).
         horizon: optimizee steps per task (100 in the paper); a multiple of unroll.
         lr: Adam's step size on phi.
         seed: draws the task seeds, so a seed fixes the task sequence.
         divergence_factor: an optimizee loss above this times the task's initial loss is a divergence.
-        log: called as log(metrics, meta_step) after every meta-step.
+        log: receives the means of meta_loss and loss over every `log_every` meta-steps, at the index
+            (from 0) of the last of them.
+        checkpoint_dir: resume from / save to here every `checkpoint_every` meta-steps and on SIGINT/SIGTERM.
+        progress: a line every `log_every` meta-steps.
 
     Raises DivergenceError, before phi takes the offending update, when an
     optimizee loss is non-finite or above the divergence threshold, or the
     meta-gradient is non-finite: a diverged optimizer is never returned.
     """
-    if steps < 1 or unroll < 1 or horizon < unroll or horizon % unroll:
+    if (steps is not None and steps < 1) or unroll < 1 or horizon < unroll or horizon % unroll:
         raise ValueError(
             f"need steps >= 1 and horizon a positive multiple of unroll; got {steps=}, {unroll=}, {horizon=}"
         )
     if not (divergence_factor > 1 and 0 < lr < math.inf):
         raise ValueError(f"need divergence_factor > 1 and a finite lr > 0; got {divergence_factor=}, {lr=}")
+    device = next(net.parameters()).device
     meta_opt = torch.optim.Adam(net.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    history: list[dict[str, float]] = []
-    step = task_index = 0
-    while step < steps:
-        task = task_factory(int(torch.randint(2**31 - 1, (), generator=generator)))
-        params = {name: p.detach().requires_grad_() for name, p in task.params.items()}
-        state = net.init_state(params)
-        loss = task.loss(params, 0)
-        initial = float(loss.detach())
-        _check_loss(initial, initial, divergence_factor, step, task_index, 0)
-        grads = _grads(loss, params, retain_graph=False)
-        for start in range(0, horizon, unroll):
-            if step >= steps:
-                break
-            meta_loss = torch.zeros((), device=loss.device)
-            for t in range(start + 1, start + unroll + 1):
-                params, state = net.step(params, grads, state)
-                loss = task.loss(params, t)
-                _check_loss(float(loss.detach()), initial, divergence_factor, step, task_index, t)
-                grads = _grads(loss, params, retain_graph=True)
-                meta_loss = meta_loss + loss
-            meta_opt.zero_grad(set_to_none=True)
-            meta_loss.backward()
-            _check_meta_gradient(net, step)
-            meta_opt.step()
-            params = {name: p.detach().requires_grad_() for name, p in params.items()}
-            state = LSTMState(h=tuple(h.detach() for h in state.h), c=tuple(c.detach() for c in state.c))
-            metrics = {
-                "meta_loss": float(meta_loss.detach()) / unroll,
-                "loss": float(loss.detach()),
-                "initial_loss": initial,
-                "task": float(task_index),
-                "optimizee_step": float(start + unroll),
-            }
-            history.append(metrics)
-            if log is not None:
-                log(metrics, step)
-            step += 1
-        task_index += 1
-    return history
+    trajectory = Trajectory(task_factory, seed, device)
+
+    def truncation() -> dict[str, float]:
+        step = loop.step
+        if trajectory.task is None:
+            trajectory.begin(net, divergence_factor, step)
+        task, start, initial = trajectory.task, trajectory.position, trajectory.initial
+        params, memory, grads = trajectory.params, trajectory.memory, trajectory.grads
+        meta_loss = torch.zeros((), device=device)
+        for t in range(start + 1, start + unroll + 1):
+            params, memory = net.step(params, grads, memory)
+            loss = task.loss(params, t)
+            _check_loss(float(loss.detach()), initial, divergence_factor, step, trajectory.index, t)
+            grads = _grads(loss, params, retain_graph=True)
+            meta_loss = meta_loss + loss
+        meta_opt.zero_grad(set_to_none=True)
+        meta_loss.backward()
+        _check_meta_gradient(net, step)
+        meta_opt.step()
+        metrics = {"meta_loss": float(meta_loss.detach()) / unroll, "loss": float(loss.detach()), "initial_loss": initial,
+                   "task": float(trajectory.index), "optimizee_step": float(start + unroll)}
+        trajectory.advance(params, memory, grads, unroll, horizon)
+        return metrics
+
+    def window_means(metrics: dict[str, float], step: int) -> None:
+        if log is not None and step % log_every == 0:
+            recent = loop.history[-log_every:]
+            log({k: sum(row[k] for row in recent) / len(recent) for k in ("meta_loss", "loss")}, step - 1)
+
+    loop = Loop(truncation, max_steps=steps, max_seconds=max_seconds, state={"net": net, "meta_optimizer": meta_opt,
+                "trajectory": trajectory}, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                log=window_means, progress="log" if progress else "off", report_every=log_every,
+                show=("meta_loss", "loss"), name="meta-training", device=device)
+    return loop.run()
 
 
 def run_optimizee(task: OptimizeeTask, optimizer: InnerOptimizer, steps: int) -> list[float]:

@@ -5,13 +5,13 @@ Two kinds share one main branch (Conv-4 with BatchNorm, then a linear head):
 - `ttt`: its TTT twin (`TTTModel.conv4`), the same branch split after
   `shared_blocks` blocks plus a rotation branch, trained on `joint_loss`.
 
+Training runs on the one training loop (`metaflowlib.loop.Loop`), a step per minibatch.
 Stored as `model.safetensors` + `config.json` ({kind, config, extra}); loading never unpickles.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from metaflowlib.tta.strategies import TTTModel, joint_loss
 from metaflowlib.errors import DataError
 from metaflowlib.io import CONFIG_FILE, WEIGHTS_FILE, read_tensor_dir, write_tensor_dir
+from metaflowlib.loop import LogFn, Loop, Minibatches
 from metaflowlib.models import Conv4, conv4_output_dim
 from metaflowlib.runtime import autocast
 
@@ -64,9 +65,30 @@ def training_loss(kind: str) -> Callable[[nn.Module, Tensor, Tensor], Tensor]:
 
 @dataclass
 class TrainResult:
-    seconds: float
+    seconds: float  # training step time, summed over resumes
     steps: int
     history: list[dict[str, float]]  # one row per epoch: epoch, train_loss
+
+
+class EpochLoss:
+    """The running mean of the training loss over the epoch so far, weighted by batch size (a short last batch
+    counts for less); checkpointed, so a resumed epoch reports the mean over all its batches."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def add(self, loss: float, examples: int) -> float:
+        self.total, self.count = self.total + loss * examples, self.count + examples
+        return self.total / self.count
+
+    def state_dict(self) -> dict[str, float]:
+        return {"total": self.total, "count": self.count}
+
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        self.total, self.count = state["total"], state["count"]
 
 
 def train_classifier(
@@ -82,31 +104,49 @@ def train_classifier(
     device: torch.device,
     dtype: torch.dtype | None = None,
     channels_last: bool = False,
-    log: Callable[[dict[str, float], int], None] | None = None,
+    log: LogFn | None = None,
+    checkpoint_dir: Path | None = None,
+    checkpoint_every: int = 100,
+    progress: bool = False,
 ) -> TrainResult:
-    """Adam on shuffled minibatches for `epochs` epochs; the model ends in eval mode."""
+    """Adam on shuffled minibatches for `epochs` epochs; the model ends in eval mode.
+
+    `log` receives each epoch's mean training loss at the epoch's number; `checkpoint_dir`: resume from /
+    save to here every `checkpoint_every` minibatches and on SIGINT/SIGTERM (see `Loop`); `progress`: a line
+    per epoch.
+    """
     loss_fn = training_loss(kind)
     x_all, y_all = torch.as_tensor(images), torch.as_tensor(labels)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    history, steps, start = [], 0, time.perf_counter()
-    model.train()
-    for epoch in range(1, epochs + 1):
-        total, count = 0.0, 0
-        for index in torch.randperm(len(y_all), generator=generator).split(batch_size):
-            x = to_input(x_all[index], device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, dtype):
-                loss = loss_fn(model, x, y_all[index].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, count, steps = total + loss.item() * len(index), count + len(index), steps + 1
-        history.append({"epoch": epoch, "train_loss": total / count})
-        if log is not None:
-            log({"train_loss": total / count}, epoch)
-    return TrainResult(time.perf_counter() - start, steps, history)
+    batches = Minibatches(len(y_all), batch_size, torch.Generator().manual_seed(seed))
+    epoch_loss, per_epoch = EpochLoss(), len(batches)
+
+    def step() -> dict[str, float]:
+        model.train()
+        index = batches.next()
+        x = to_input(x_all[index], device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, dtype):
+            loss = loss_fn(model, x, y_all[index].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        mean = epoch_loss.add(loss.item(), len(index))
+        if batches.epoch_ended:
+            epoch_loss.reset()
+        return {"train_loss": mean}
+
+    result = Loop(
+        step, max_steps=epochs * per_epoch,
+        state={"model": model, "optimizer": optimizer, "batches": batches, "epoch_loss": epoch_loss},
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+        log=None if log is None else (lambda metrics, step: log(metrics, step // per_epoch)), log_every=per_epoch,
+        progress="log" if progress else "off", report_every=per_epoch, show=("train_loss",), name=kind, device=device,
+    ).run()
+    model.eval()
+    history = [{"epoch": row["step"] // per_epoch, "train_loss": row["train_loss"]} for row in result.history]
+    return TrainResult(result.seconds, result.steps, history)
 
 
 @torch.no_grad()
