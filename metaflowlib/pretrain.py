@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from metaflowlib.episodes import TaskPool
 from metaflowlib.errors import DivergenceError
-from metaflowlib.runtime import PeakMemory, autocast
+from metaflowlib.memory import PeakMemory
+from metaflowlib.runtime import autocast
 from metaflowlib.train import LogFn
 
 

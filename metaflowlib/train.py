@@ -27,9 +27,10 @@ import torch
 from metaflowlib.artifacts import load_checkpoint, save_checkpoint
 from metaflowlib.episodes import EpisodeSampler
 from metaflowlib.errors import DataError, DivergenceError, Interrupted
+from metaflowlib.memory import PeakMemory
 from metaflowlib.methods import MetaLearner
 from metaflowlib.methods.base import StepStats
-from metaflowlib.runtime import PeakMemory, autocast
+from metaflowlib.runtime import autocast
 
 LogFn = Callable[[dict[str, float], int], None]
 

@@ -25,9 +25,9 @@ from metaflowlib.config import Params
 from metaflowlib.io import atomic_path, write_json
 from metaflowlib.learned_optimizer.benchmark import compare, evaluation_report, tune_lr
 from metaflowlib.methods.inner_optimizers import SGD, Adam
-from metaflowlib.learned_optimizer.report import flat_metrics, markdown, plot, write_curves
 from metaflowlib.learned_optimizer.suites import evaluation_suites, load_pools, tuning_tasks
 from metaflowlib.learned_optimizer.tasks import ImagePool
+from metaflowlib.report.learned_optimizer import flat_metrics, markdown, plot, write_curves
 from metaflowlib.runtime import resolve_device, seed_everything
 
 METRICS = Path("metrics") / "learned_optimizer"
@@ -41,7 +41,8 @@ def evaluate_production(p: Params, root: Path, pools: dict[str, ImagePool],
     """Tune the baselines, run every optimizer on every suite, write and log the report; returns eval.json's content."""
     import mlflow
 
-    from metaflowlib.learned_optimizer.pyfunc import load_registered
+    from metaflowlib.serving.learned_optimizer import LearnedOptimizerModel
+    from metaflowlib.serving.log import unwrap_registered
 
     op, e, horizon = p.optimizer, p.optimizer.evaluate, p.optimizer.meta_train.horizon
     device = resolve_device(p.device)
@@ -49,7 +50,7 @@ def evaluate_production(p: Params, root: Path, pools: dict[str, ImagePool],
     tracking.configure(p.mlflow.tracking_uri)
     info = recorded(p, root, "optimizer")[LEARNED]
     name, version = info["name"], info["version"]
-    net = load_registered(info["uri"]).to(device)
+    net = unwrap_registered(info["uri"], LearnedOptimizerModel).net.to(device)
 
     tuning = tuning_tasks(op, pools, device)
     factor = op.meta_train.divergence_factor

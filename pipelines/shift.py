@@ -35,8 +35,8 @@ from metaflowlib.evaluate import task_accuracies
 from metaflowlib.io import write_json
 from metaflowlib.progress import phase
 from metaflowlib.runtime import resolve_device, seed_everything
+from metaflowlib.serving.fewshot import FewShotModel
 from metaflowlib.serving.log import unwrap_registered
-from metaflowlib.serving.pyfunc import FewShotModel
 
 CLEAN = "clean"
 
@@ -51,7 +51,7 @@ def main() -> None:
     tracking.configure(p.mlflow.tracking_uri)
     production = recorded(p, ROOT, "shift", key)[key]
     name, version = production["name"], production["version"]
-    model = unwrap_registered(production["uri"], FewShotModel, "a few-shot meta-model")
+    model = unwrap_registered(production["uri"], FewShotModel)
     method, size = model.method.to(device).eval(), model.image_size
     ways, shots = p.settings_of(s.setting)
     strategies = {"source": {}}

@@ -14,7 +14,7 @@ from _stage import ROOT, declared, params, run_guarded
 from metaflowlib.config import Params
 from metaflowlib.errors import DataError
 from metaflowlib.io import atomic_path, read_json, write_json
-from metaflowlib.tta.report import build_report, markdown, plot
+from metaflowlib.report.tta import build_report, markdown, plot
 
 METRICS, RUNS = declared("tta_report", "metrics/*/strategies"), declared("tta_report", "runs/*/strategies")
 REPORT = declared("tta_report", "*/report.json").parent
