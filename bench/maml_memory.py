@@ -9,10 +9,11 @@ optimizer step. On a CPU every configuration runs in a fresh subprocess, so no p
 allocator cache or warm-up leaks from one into the next; on CUDA they share
 one process and the allocator's peak is reset for each. Peak memory is the
 increase over the state just before the first meta-step (model, optimizer,
-episode already resident):
-- CUDA: torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated() (tensors only).
-- CPU:  resource.getrusage(RUSAGE_SELF).ru_maxrss delta (peak resident set size of the
-        process, KiB on Linux): what the OS had to provide, allocator slack included.
+episode already resident), metaflowlib.memory's `PeakMemory(increase=True)`:
+- CUDA: cuda_max_allocated_increase, the allocator's peak minus what it held on entry (tensors only).
+- CPU:  peak_rss_increase, the resident high-water mark (reset on entry) minus the RSS on entry:
+        what the OS had to provide, allocator slack included.
+Each run records its kind (`memory_kind`); results.json's `memory_measure` names them.
 Writes results.json (device, torch version, every number) and memory.png.
 
     python bench/maml_memory.py --log-mlflow bench/results/maml_memory_cpu
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -41,7 +41,8 @@ import torch
 
 from metaflowlib.episodes import Episode
 from metaflowlib.methods import build_method
-from metaflowlib.runtime import device_name
+from metaflowlib.memory import PeakMemory
+from metaflowlib.runtime import device_name, synchronize
 
 METHOD_KINDS = ("maml", "fomaml", "reptile", "imaml")
 INNER_STEPS = (1, 2, 5, 10, 20)
@@ -71,33 +72,23 @@ def measure(kind: str, inner_steps: int, vectorize: str, tasks: int, device: str
     params = method.parameters()
     optimizer = torch.optim.SGD(params, lr=1.0) if kind == "reptile" else torch.optim.Adam(params)
     episode = random_episode(tasks, dev)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def meta_step() -> None:
         optimizer.zero_grad(set_to_none=True)
         method.meta_gradient(episode)
         optimizer.step()
 
-    sync()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-        baseline = torch.cuda.memory_allocated(dev)
-    else:
-        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    meta_step()  # warm-up: allocator caches, Adam state, vmap tracing
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        meta_step()
-    sync()
-    seconds = (time.perf_counter() - start) / repeats
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(dev) - baseline
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    with PeakMemory(dev, increase=True) as memory:
+        meta_step()  # warm-up: allocator caches, Adam state, vmap tracing
+        synchronize(dev)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            meta_step()
+        synchronize(dev)
+        seconds = (time.perf_counter() - start) / repeats
     return {
         "method": kind, "inner_steps": inner_steps, "vectorize": vectorize, "chunk_size": chunk_size,
-        "peak_bytes": int(peak), "seconds_per_step": seconds,
+        "peak_bytes": memory.peak_bytes(), "memory_kind": memory.kind, "seconds_per_step": seconds,
     }
 
 
@@ -205,8 +196,7 @@ def main() -> None:
     results = {
         "device": name, "device_type": torch.device(args.device).type, "torch": torch.__version__,
         "threads": args.threads or torch.get_num_threads(),
-        "memory_measure": "torch.cuda.max_memory_allocated delta" if args.device.startswith("cuda")
-        else "ru_maxrss delta in a fresh subprocess (peak RSS, allocator slack included)",
+        "memory_measure": ", ".join(sorted({run["memory_kind"] for run in runs})),
         "shape": {"ways": WAYS, "shots": SHOTS, "queries": QUERIES, "image_size": SIDE, "hidden": 64, "tasks": tasks},
         "repeats": args.repeats, "runs": runs, "vmap_vs_loop": ratio,
     }

@@ -20,10 +20,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from metaflowlib import registry
-from metaflowlib.errors import RegistryError
 
 if TYPE_CHECKING:  # it imports mlflow: at run time only inside _load
-    from metaflowlib.serving.pyfunc import FewShotModel
+    from metaflowlib.serving.fewshot import FewShotModel
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 
@@ -104,15 +103,10 @@ def load_version(name: str, version: str | int, tracking_uri: str | None = None)
 
 def _load(info: registry.VersionInfo) -> FewShotLearner:
     """The pyfunc model of that version number (not the alias, which may move meanwhile), if it is a few-shot one."""
-    import mlflow.pyfunc
+    from metaflowlib.serving.fewshot import FewShotModel
+    from metaflowlib.serving.log import unwrap_registered
 
-    from metaflowlib.serving.pyfunc import FewShotModel
-
-    model = mlflow.pyfunc.load_model(f"models:/{info.name}/{info.version}").unwrap_python_model()
-    if not isinstance(model, FewShotModel):
-        raise RegistryError(f"{info.name} v{info.version} is not a few-shot model (its pyfunc is a "
-                            f"{type(model).__name__}); load it with mlflow.pyfunc.load_model")
-    return FewShotLearner(model, info)
+    return FewShotLearner(unwrap_registered(f"models:/{info.name}/{info.version}", FewShotModel), info)
 
 
 def list_models(tracking_uri: str | None = None) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ from torch import Tensor
 from metaflowlib.episodes import EpisodeIndices, TaskPool, fixed_episodes
 from metaflowlib.methods import MetaLearner
 from metaflowlib.progress import phase
-from metaflowlib.runtime import autocast
+from metaflowlib.runtime import autocast, synchronize
 
 
 @dataclass(frozen=True)
@@ -94,21 +94,16 @@ def adaptation_seconds(method: MetaLearner, pool: TaskPool, ways: int, shots: in
     with torch.no_grad(), autocast(device, method.precision(dtype)):
         for i, batch in enumerate(indices.batches(1)):
             episode = pool.gather(batch)
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             support = episode.support_x
             if method.per_example_features:
                 support = method.features(support[0])[None]
             method.adapt(support, episode.support_y, ways)
-            _sync(device)
+            synchronize(device)
             if i > 0:  # the first task warms up kernels and allocators
                 times.append(time.perf_counter() - start)
     return float(torch.tensor(times).median())
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def evaluate_protocol(

@@ -22,7 +22,8 @@ def flat_metrics(report: dict, train: dict) -> dict[str, float]:
     return out
 
 
-INHERITED_TAGS = ("method", "method_key", "profile", "dataset", "data_digest", "git_commit")  # from the training run: searchable together
+# from the training run: searchable together (memory_kind: what the peak_memory_mb copied here measured)
+INHERITED_TAGS = ("method", "method_key", "profile", "dataset", "data_digest", "git_commit", "memory_kind")
 
 
 def configurations(report: dict) -> dict[str, dict]:

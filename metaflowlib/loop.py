@@ -36,7 +36,7 @@ from torch import Tensor
 
 from metaflowlib.errors import DataError, Interrupted
 from metaflowlib.io import load_checkpoint, save_checkpoint
-from metaflowlib.runtime import PeakMemory
+from metaflowlib.memory import PeakMemory
 
 LogFn = Callable[[dict[str, float], int], None]
 LAYOUT = 1  # of the checkpoint; one from the per-training loops before this module is refused, not misread

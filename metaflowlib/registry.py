@@ -205,10 +205,10 @@ SMOKE_CONTRACTS = {
 
 def smoke_test(name: str, version: str) -> None:
     """Load the version through pyfunc and answer its stored input example; raise if anything fails."""
-    import mlflow.pyfunc
+    from metaflowlib.serving.log import load_pyfunc
 
     try:
-        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        model = load_pyfunc(f"models:/{name}/{version}")
         example = model.input_example
         if not isinstance(example, dict):
             raise TypeError("the model has no stored input example task")
@@ -349,8 +349,8 @@ def require_production(name: str) -> VersionInfo:
 
 def load_production(name: str):
     """The production pyfunc model of `name`; a clear message if none is promoted."""
-    import mlflow.pyfunc
+    from metaflowlib.serving.log import load_pyfunc
 
     require_production(name)
-    return mlflow.pyfunc.load_model(f"models:/{name}@{ALIAS}")
+    return load_pyfunc(f"models:/{name}@{ALIAS}")
 

@@ -1,12 +1,10 @@
-"""Device, precision, seeding and peak-memory measurement: decided once, used by every stage."""
+"""Device, precision and seeding: decided once, used by every stage (peak memory: metaflowlib.memory)."""
 
 from __future__ import annotations
 
 import contextlib
 import random
-import resource
 import sys
-from dataclasses import dataclass
 from typing import ContextManager
 
 import numpy as np
@@ -48,39 +46,16 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
     return torch.autocast(device.type, dtype=dtype)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so a time or memory taken next includes it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-@dataclass
-class PeakMemory:
-    """Peak memory over a region: CUDA allocator peak on GPU, process peak RSS on CPU."""
-
-    device: torch.device
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    @property
-    def kind(self) -> str:
-        return "cuda_max_allocated" if self.device.type == "cuda" else "process_peak_rss"
-
-    def peak_mb(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return rss_peak_mb()
-
-
-def rss_peak_mb() -> float:
-    """Peak resident set size of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def device_name(device: torch.device) -> str:

@@ -25,9 +25,9 @@ from metaflowlib.config import Params
 from metaflowlib.config.learned_optimizer import LearnedOptimizerParams
 from metaflowlib.io import atomic_path, write_json
 from metaflowlib.learned_optimizer.benchmark import evaluate_against_baselines
-from metaflowlib.learned_optimizer.report import flat_metrics, markdown, plot, write_curves
 from metaflowlib.learned_optimizer.suites import load_pools
 from metaflowlib.learned_optimizer.tasks import ImagePool
+from metaflowlib.report.learned_optimizer import flat_metrics, markdown, plot, write_curves
 from metaflowlib.runtime import resolve_device, seed_everything
 
 OUT = {name: declared("optimizer_eval", f"*/{name}")
@@ -39,7 +39,8 @@ def evaluate_production(p: Params, root: Path, pools: dict[str, ImagePool],
     """Evaluate the production learned optimizer against the baselines, write and log the report; returns eval.json's content."""
     import mlflow
 
-    from metaflowlib.learned_optimizer.pyfunc import load_registered
+    from metaflowlib.serving.learned_optimizer import LearnedOptimizerModel
+    from metaflowlib.serving.log import unwrap_registered
 
     op = p.optimizer
     device = resolve_device(p.device)
@@ -47,7 +48,7 @@ def evaluate_production(p: Params, root: Path, pools: dict[str, ImagePool],
     tracking.configure(p.mlflow.tracking_uri)  # `recorded` checks the version against the registry
     info = recorded(p, root, "optimizer")[LEARNED]
     name, version = info["name"], info["version"]
-    net = load_registered(info["uri"]).to(device)
+    net = unwrap_registered(info["uri"], LearnedOptimizerModel).net.to(device)
     report = evaluate_against_baselines(op, net, pools, device, progress=lambda line: progress(f"optimizer_eval: {line}"))
     report |= {"model": name, "version": version, "model_run_id": info["run_id"]}
     lr, e = report["lr"], op.evaluate

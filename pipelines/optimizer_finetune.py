@@ -24,10 +24,10 @@ from metaflowlib.episodes import fixed_episodes
 from metaflowlib.errors import ConfigError
 from metaflowlib.evaluate import confidence_interval, task_accuracies
 from metaflowlib.io import write_json
-from metaflowlib.learned_optimizer.pyfunc import load_registered
 from metaflowlib.runtime import resolve_device, seed_everything
+from metaflowlib.serving.fewshot import FewShotModel
+from metaflowlib.serving.learned_optimizer import LearnedOptimizerModel
 from metaflowlib.serving.log import unwrap_registered
-from metaflowlib.serving.pyfunc import FewShotModel
 
 
 def score(method, pool, indices) -> dict[str, float]:
@@ -47,14 +47,14 @@ def main() -> None:
     tracking.configure(p.mlflow.tracking_uri)
     references = recorded(p, ROOT, "finetune")
     optimizer = references[LEARNED]
-    net = load_registered(optimizer["uri"]).to(device).eval()
+    net = unwrap_registered(optimizer["uri"], LearnedOptimizerModel).net.to(device).eval()
     pool = load_pool(PREPARED, "test", p.data.image_size, device)
     ways, shots = p.settings_of(f.setting)
     report = {"optimizer": {"name": optimizer["name"], "version": optimizer["version"]}, "setting": f.setting,
               "tasks": f.tasks, "methods": {}}
     for key in f.methods:
         model = references[key]
-        method = unwrap_registered(model["uri"], FewShotModel, "a few-shot meta-model").method.to(device).eval()
+        method = unwrap_registered(model["uri"], FewShotModel).method.to(device).eval()
         if not hasattr(method, "inner_optimizer"):
             raise ConfigError(f"optimizer.finetune.methods: {key} ({method.kind}) has no inner loop to drive")
         indices = fixed_episodes(pool, f.tasks, ways, shots, p.evaluate.queries, p.evaluate.seed)

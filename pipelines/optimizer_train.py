@@ -83,7 +83,7 @@ def train_and_register(p: Params, root: Path, pools: dict[str, ImagePool]) -> di
     """Meta-train, validate, save, log and register; returns what runs/learned_optimizer/train.json records."""
     import mlflow
 
-    from metaflowlib.learned_optimizer.pyfunc import log_optimizer_model
+    from metaflowlib.serving.learned_optimizer import log_optimizer_model
 
     op = p.optimizer
     device = resolve_device(p.device)

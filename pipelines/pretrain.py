@@ -29,7 +29,7 @@ from metaflowlib.methods import ProtoNet
 from metaflowlib.models import conv4_output_dim
 from metaflowlib.pretrain import pretrain_feature_map
 from metaflowlib.runtime import resolve_device, resolve_precision, seed_everything
-from metaflowlib.serving.log import log_pyfunc_model
+from metaflowlib.serving.fewshot import log_pyfunc_model
 
 
 def main() -> None:

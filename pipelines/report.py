@@ -21,7 +21,7 @@ from metaflowlib.config.shift import ShiftParams
 from metaflowlib.data.store import load_info
 from metaflowlib.errors import DataError
 from metaflowlib.io import atomic_path, read_json
-from metaflowlib.report import (
+from metaflowlib.report.summary import (
     MEMORY_PNG,
     SHOTS_PNG,
     TRAINING_PNG,

@@ -25,8 +25,8 @@ from metaflowlib.config.shift import ShiftParams
 from metaflowlib.data.store import load_split
 from metaflowlib.io import write_json
 from metaflowlib.runtime import resolve_device, seed_everything
+from metaflowlib.serving.fewshot import FewShotModel
 from metaflowlib.serving.log import unwrap_registered
-from metaflowlib.serving.pyfunc import FewShotModel
 from metaflowlib.tta.fewshot import evaluate_under_shift
 
 
@@ -39,7 +39,7 @@ def main() -> None:
     seed_everything(p.seed)
     tracking.configure(p.mlflow.tracking_uri)
     production = recorded(p, ROOT, "shift", key)[key]
-    model = unwrap_registered(production["uri"], FewShotModel, "a few-shot meta-model")
+    model = unwrap_registered(production["uri"], FewShotModel)
     method = model.method.to(device).eval()
     ways, shots = p.settings_of(s.setting)
     images, labels = load_split(PREPARED, "test")

@@ -30,7 +30,7 @@ from metaflowlib.errors import DataError, Interrupted
 from metaflowlib.evaluate import embed_pool, evaluate_setting
 from metaflowlib.io import atomic_path, read_json, write_json
 from metaflowlib.runtime import resolve_device, resolve_precision, seed_everything
-from metaflowlib.serving.log import log_pyfunc_model
+from metaflowlib.serving.fewshot import log_pyfunc_model
 from metaflowlib.train import MetaTrainer, build_meta_optimizer
 
 

@@ -23,8 +23,9 @@ from metaflowlib.config.learned_optimizer import LearnedOptimizerParams
 from metaflowlib.config.tta import TTAParams
 from metaflowlib.io import atomic_path, write_json
 from metaflowlib.runtime import resolve_device, seed_everything
+from metaflowlib.serving.classifier import ClassifierModel
+from metaflowlib.serving.log import unwrap_registered
 from metaflowlib.tta.benchmark import adapter_options, evaluate_strategy
-from metaflowlib.tta.pyfunc import load_registered
 from metaflowlib.tta.shifted import load_shifted
 
 
@@ -39,7 +40,7 @@ def run(p: Params, key: str, root: Path) -> dict:
     references = recorded(p, root, "tta")
     reference = references[strategy.model]
     device = resolve_device(p.device)
-    model, _ = load_registered(reference["uri"])
+    model = unwrap_registered(reference["uri"], ClassifierModel).model
     model = model.to(device)
     if p.tta.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -47,9 +48,9 @@ def run(p: Params, key: str, root: Path) -> dict:
     seed_everything(p.tta.seed)
     learned = None
     if getattr(strategy, "optimizer", None) == "learned":
-        from metaflowlib.learned_optimizer.pyfunc import load_registered as load_optimizer
+        from metaflowlib.serving.learned_optimizer import LearnedOptimizerModel
 
-        learned = load_optimizer(references[LEARNED]["uri"]).to(device).eval()
+        learned = unwrap_registered(references[LEARNED]["uri"], LearnedOptimizerModel).net.to(device).eval()
     result = evaluate_strategy(strategy.kind, model, adapter_options(strategy, learned), shifted, strategy.batch_size, device,
                                p.tta.channels_last)
     metrics = result.metrics()
@@ -70,7 +71,7 @@ def run(p: Params, key: str, root: Path) -> dict:
     write_json(root / declared("tta", "runs/*", key=key), {"run_id": mlflow_run.info.run_id, "experiment_id": mlflow_run.info.experiment_id,
                                             "strategy": strategy.model_dump(mode="json"), "name": reference["name"],
                                             "version": reference["version"], "model_run_id": reference["run_id"],
-                                            "model_uri": reference["uri"]})
+                                            "model_uri": reference["uri"], "memory_kind": result.memory_kind})
     return metrics
 
 

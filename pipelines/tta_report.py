@@ -15,7 +15,7 @@ from metaflowlib.config import Params
 from metaflowlib.config.tta import TTAParams
 from metaflowlib.errors import DataError
 from metaflowlib.io import atomic_path, read_json, write_json
-from metaflowlib.tta.report import build_report, markdown, plot
+from metaflowlib.report.tta import build_report, markdown, plot
 
 METRICS, RUNS = declared("tta_report", "metrics/*/strategies"), declared("tta_report", "runs/*/strategies")
 REPORT = declared("tta_report", "*/report.json").parent

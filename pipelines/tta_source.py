@@ -24,6 +24,7 @@ from metaflowlib.data.fashion_mnist import CLASSES, load_fashion_mnist
 from metaflowlib.errors import Interrupted
 from metaflowlib.io import read_json, write_json
 from metaflowlib.runtime import resolve_device, resolve_precision, seed_everything
+from metaflowlib.serving.classifier import log_classifier_model
 from metaflowlib.tta.classifier import (
     KINDS,
     accuracy,
@@ -31,7 +32,6 @@ from metaflowlib.tta.classifier import (
     save_classifier,
     train_classifier,
 )
-from metaflowlib.tta.pyfunc import log_classifier_model
 
 MODELS = Path("models") / "tta"
 RUNS_FILE = Path("runs") / "tta" / "source.json"

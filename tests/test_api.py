@@ -20,9 +20,9 @@ from metaflowlib.artifacts import save_meta_knowledge
 from metaflowlib.cli import main as cli
 from metaflowlib.errors import PayloadError, RegistryError
 from metaflowlib.methods import ProtoNet
-from metaflowlib.serving.log import log_pyfunc_model
+from metaflowlib.serving.fewshot import log_pyfunc_model
 from metaflowlib.tta.classifier import build_classifier, save_classifier
-from metaflowlib.tta.pyfunc import log_classifier_model
+from metaflowlib.serving.classifier import log_classifier_model
 
 from conftest import ROOT, class_images, register_evaluated
 
@@ -92,7 +92,7 @@ def test_bad_tasks_and_models_fail_with_one_clear_error(store, tmp_path):
         learner.adapt(support, labels).predict(query[0])
     with pytest.raises(RegistryError, match="no registered model named 'ghost'"):
         api.load_production("ghost", tracking_uri=store)
-    with pytest.raises(RegistryError, match=r"toy-source v1 is not a few-shot model \(its pyfunc is a ClassifierModel\)"):
+    with pytest.raises(RegistryError, match=r"models:/toy-source/1 is not a few-shot meta-model \(its pyfunc is a ClassifierModel\)"):
         api.load_version(CLASSIFIER, 1, tracking_uri=store)
     with pytest.raises(RegistryError, match="toy-source has no 'production' version; promote one with"):
         api.load_production(CLASSIFIER, tracking_uri=store)

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from metaflowlib.tta.fewshot import TaskClassifier, adapted_task_accuracies
+from metaflowlib.tta.fewshot import TaskModule, adapted_task_accuracies
 from metaflowlib.episodes import fixed_episodes
 from metaflowlib.evaluate import embed_pool, task_accuracies
 from metaflowlib.methods import MAML, ParameterPredictor, ProtoNet
@@ -41,7 +41,7 @@ def test_source_strategy_reproduces_the_standard_evaluation(tiny_pool):
 def test_bn_normalizes_with_the_tasks_own_images(tiny_pool):
     method = trained_protonet(tiny_pool)
     episode = tiny_pool.gather(fixed_episodes(tiny_pool, 1, 5, 2, 3, seed=2))
-    model = TaskClassifier(method, episode.support_x[0], episode.support_y[0], 5)
+    model = TaskModule(method, episode.support_x[0], episode.support_y[0], 5)
     shifted = episode.query_x[0] * 0.3 + 0.5  # a contrast change
     from metaflowlib.tta.strategies import build_adapter
 
@@ -70,7 +70,7 @@ def test_tent_changes_only_a_copy_and_only_batchnorm_affine(tiny_pool, make):
     episode = tiny_pool.gather(indices.batches(1)[0])
     from metaflowlib.tta.strategies import TentAdapter
 
-    adapter = TentAdapter(TaskClassifier(method, episode.support_x[0], episode.support_y[0], 5), steps=3,
+    adapter = TentAdapter(TaskModule(method, episode.support_x[0], episode.support_y[0], 5), steps=3,
                           optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
     adapter.predict(episode.query_x[0])
     moved = {k for k, v in adapter.model.method.state_dict().items() if k in before and not torch.equal(v, before[k])}
@@ -80,4 +80,4 @@ def test_tent_changes_only_a_copy_and_only_batchnorm_affine(tiny_pool, make):
 def test_methods_with_their_own_inner_loop_are_refused(tiny_pool):
     episode = tiny_pool.gather(fixed_episodes(tiny_pool, 1, 5, 1, 3, seed=0))
     with pytest.raises(ValueError, match="adapts inside its own inner loop"):
-        TaskClassifier(MAML(ways=5, hidden=8), episode.support_x[0], episode.support_y[0], 5)
+        TaskModule(MAML(ways=5, hidden=8), episode.support_x[0], episode.support_y[0], 5)

@@ -22,7 +22,7 @@ from metaflowlib.artifacts import save_meta_knowledge
 from metaflowlib.cli import main as cli
 from metaflowlib.errors import RegistryError
 from metaflowlib.methods import ProtoNet
-from metaflowlib.serving.log import log_pyfunc_model
+from metaflowlib.serving.fewshot import log_pyfunc_model
 
 from conftest import ROOT, TOY_DIGEST, register_evaluated, task_accuracies
 

@@ -160,7 +160,8 @@ def test_eval_without_production_says_how_to_get_one(tmp_path, mlflow_store, poo
 
 
 def test_pyfunc_replays_gradients_through_the_lstm_and_refuses_bad_payloads(tmp_path, mlflow_store):
-    from metaflowlib.learned_optimizer.pyfunc import load_registered, log_optimizer_model
+    from metaflowlib.serving.learned_optimizer import LearnedOptimizerModel, log_optimizer_model
+    from metaflowlib.serving.log import unwrap_registered
 
     torch.manual_seed(0)
     net = LSTMOptimizerNet(hidden_size=4)
@@ -175,12 +176,12 @@ def test_pyfunc_replays_gradients_through_the_lstm_and_refuses_bad_payloads(tmp_
             update, state = net(g, state)
             expected.append(update.numpy())
     np.testing.assert_allclose(updates, np.stack(expected), rtol=1e-6)
-    python_model = model.unwrap_python_model()  # behind MLflow's schema check, the contract's own
+    python_model = unwrap_registered(uri, LearnedOptimizerModel)  # behind MLflow's schema check, the contract's own
     for bad in ({"images": grads}, {"gradients": grads[0]}, {"gradients": grads.astype(np.int64)},
                 {"gradients": np.full((2, 2), np.nan, np.float32)}):
         with pytest.raises(PayloadError, match="gradients"):
             python_model.predict(None, bad)
-    assert load_registered(uri).config() == net.config()
+    assert python_model.net.config() == net.config()
 
 
 @pytest.mark.parametrize("change,message", [

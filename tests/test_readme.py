@@ -32,7 +32,7 @@ import metaflowlib
 from metaflowlib import registry
 from metaflowlib.artifacts import save_meta_knowledge
 from metaflowlib.methods import ProtoNet
-from metaflowlib.serving.log import log_pyfunc_model
+from metaflowlib.serving.fewshot import log_pyfunc_model
 
 README = ROOT / "README.md"
 MODEL = "omniglot-vinyals-protonet"

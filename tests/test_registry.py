@@ -8,7 +8,7 @@ from metaflowlib.cli import main as cli
 from metaflowlib.errors import RegistryError
 from metaflowlib.io import file_lock
 from metaflowlib.methods import ProtoNet
-from metaflowlib.serving.log import log_pyfunc_model
+from metaflowlib.serving.fewshot import log_pyfunc_model
 
 from conftest import ROOT, register_evaluated
 

@@ -87,7 +87,7 @@ import mlflow
 from metaflowlib import registry, tracking
 from metaflowlib.artifacts import save_meta_knowledge
 from metaflowlib.methods import ProtoNet
-from metaflowlib.serving.log import log_pyfunc_model
+from metaflowlib.serving.fewshot import log_pyfunc_model
 
 uri, worker, runs, root = sys.argv[1], sys.argv[2], int(sys.argv[3]), pathlib.Path(sys.argv[4])
 tracking.configure(uri)

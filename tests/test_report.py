@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-from metaflowlib.report import MethodRecord, markdown, plot_shots_curves, shift_markdown
+from metaflowlib.report.render import measured
+from metaflowlib.report.summary import MethodRecord, markdown, plot_shots_curves, shift_markdown
 
 
 def records() -> list[MethodRecord]:
     proto = MethodRecord("protonet", "protonet", {"distance": "euclidean"},
                          {"acc_5w1s": 0.977, "ci95_5w1s": 0.002, "acc_20w1s": 0.927, "ci95_20w1s": 0.002,
                           "curve_acc_5w1s": 0.977, "curve_acc_5w5s": 0.995, "curve_acc_5w10s": 0.996, "adaptation_ms_per_task": 0.9},
-                         {"meta_train_seconds": 600.0, "meta_train_episodes": 2685, "meta_parameters": 111936, "peak_memory_mb": 1473.0})
+                         {"meta_train_seconds": 600.0, "meta_train_episodes": 2685, "meta_parameters": 111936, "peak_memory_mb": 1473.0,
+                          "memory_kind": "process_peak_rss"})
     maml = MethodRecord("maml", "maml", {"inner_steps_eval": 1, "inner_lr": 0.4},
                         {"acc_5w1s": 0.889, "ci95_5w1s": 0.005, "curve_acc_5w1s": 0.889, "curve_acc_5w5s": 0.941,
                          "adaptation_ms_per_task": 43.0},
-                        {"meta_train_seconds": 181.0, "meta_train_episodes": 91, "meta_parameters": 112261, "peak_memory_mb": 3945.0})
+                        {"meta_train_seconds": 181.0, "meta_train_episodes": 91, "meta_parameters": 112261, "peak_memory_mb": 3945.0,
+                         "memory_kind": "process_peak_rss"})
     predictor = MethodRecord("pp", "param_prediction", {"predictor_hidden": 256, "combine_prototypes": True},
                              {"acc_5w1s": 0.97, "ci95_5w1s": 0.002, "curve_acc_5w1s": 0.97, "adaptation_ms_per_task": 0.8},
                              {"meta_train_seconds": 60.0, "pretrain_seconds": 300.0, "pretrain_peak_memory_mb": 1481.0, "meta_train_episodes": 900,
-                              "meta_parameters": 33000, "peak_memory_mb": 1200.0})
+                              "meta_parameters": 33000, "peak_memory_mb": 1200.0,
+                              "memory_kind": "process_peak_rss"})
     return [proto, maml, predictor]
 
 
@@ -32,6 +36,14 @@ def test_tables_show_each_method_its_variant_and_costs():
     assert "| protonet | 97.70 | 99.50 | 99.60 |" in lines and "| maml | 88.90 | 94.10 | — |" in lines
     assert "| pp | 300 | 60 | 360 | 900 | 33,000 | 1481 / 1200 | 0.80 |" in lines
     assert "| protonet | — | 600 | 600 | 2685 | 111,936 | 1473 | 0.90 |" in lines
+    assert "| method | pre-training s | episodic meta-training s | total s | episodes | trainable omega " \
+           "| peak memory MiB, process_peak_rss (pre-training / meta-training) | adaptation ms/task |" in lines
+
+
+def test_a_memory_column_names_its_measure_or_each_cells():
+    assert measured(["12", "30"], ["peak_rss_increase", "peak_rss_increase"]) == ("peak_rss_increase", ["12", "30"])
+    assert measured(["12", "30"], ["peak_rss_increase", "cuda_max_allocated_increase"]) == \
+        ("kind per cell", ["12 (peak_rss_increase)", "30 (cuda_max_allocated_increase)"])
 
 
 def test_shots_plot_is_a_png(tmp_path):
@@ -62,7 +74,7 @@ import pytest
 import yaml
 
 from metaflowlib.errors import DataError
-from metaflowlib.report import (
+from metaflowlib.report.summary import (
     load_memory_benchmarks,
     memory_markdown,
     optimizer_markdown,

@@ -39,7 +39,7 @@ from metaflowlib.episodes import EpisodeSampler
 from metaflowlib.evaluate import embed_pool, evaluate_protocol, evaluate_setting
 from metaflowlib.methods import ProtoNet
 from metaflowlib.serving.contract import predict_task
-from metaflowlib.serving.log import log_pyfunc_model
+from metaflowlib.serving.fewshot import log_pyfunc_model
 from metaflowlib.train import MetaTrainer, build_meta_optimizer
 
 NAME = "team-protonet"

@@ -98,9 +98,10 @@ def test_data_source_model_strategies_report(project):
         "severity,mean_error", f"0,{results['bn']['error_clean']}"]
 
     for key, name in (("tent", SOURCE), ("ttt", TTT)):
-        run_id = json.loads((root / "runs" / "tta" / "strategies" / f"{key}.json").read_text())["run_id"]
-        run = mlflow.get_run(run_id)
+        record = json.loads((root / "runs" / "tta" / "strategies" / f"{key}.json").read_text())
+        run = mlflow.get_run(record["run_id"])
         assert run.data.tags["model_name"] == name and run.data.tags["model_version"] == "1"
+        assert run.data.tags["memory_kind"] == record["memory_kind"] == "peak_rss_increase"  # Linux: VmHWM reset per strategy
         assert run.data.tags["model_run_id"] == trained[name.rsplit("-", 1)[1]]["run_id"]
         assert run.data.metrics["mean_error_s5"] == pytest.approx(results[key]["mean_error"]["5"])
 
@@ -108,6 +109,7 @@ def test_data_source_model_strategies_report(project):
     assert set(report["error_at_severity"]) == set(p.tta.strategies) and isinstance(report["paper_order"], bool)
     table = (root / "metrics" / "tta" / "report.md").read_text()
     assert "| strategy | model | gauss | fog | **mean** |" in table and f"| ttt | {TTT} v1 |" in table
+    assert "| ms / batch (size) | peak memory MiB, peak_rss_increase | extra vs source (MiB) | adapted params |" in table
     assert (root / "metrics" / "tta" / "report.png").read_bytes()[:4] == b"\x89PNG"
 
     model = registry.load_production(TTT)
@@ -115,7 +117,7 @@ def test_data_source_model_strategies_report(project):
     assert out["labels"].shape == (3,) and out["probabilities"].shape == (3, 10)
     with pytest.raises(PayloadError, match=r"images must be uint8 \[N, 28, 28\]"):
         model.predict({"images": shifted.clean[:3, :27, :27]})
-    ttt_model = model.unwrap_python_model().model
+    ttt_model = model.unwrap_python_model().wrapper.model
     assert isinstance(ttt_model, TTTModel) and ttt_model.rotation_logits(torch.zeros(2, 1, 28, 28)).shape == (2, 4)
 
     # a person promotes another version: the stages refuse to adapt it until production_tta has recorded it

@@ -21,12 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from metaflowlib_bench import peers
-from metaflowlib_bench.timing import (
-    PeakMemory,
-    rate,
-    seconds_per_call,
-    synchronize,
-)
+from metaflowlib_bench.timing import rate, seconds_per_call
 from metaflowlib.episodes import Episode, EpisodeSampler, TaskPool, fixed_episodes
 from metaflowlib.evaluate import (
     adaptation_seconds,
@@ -34,8 +29,9 @@ from metaflowlib.evaluate import (
     evaluate_setting,
     task_accuracies,
 )
+from metaflowlib.memory import PeakMemory
 from metaflowlib.methods import MetaLearner, build_method
-from metaflowlib.runtime import autocast, resolve_precision
+from metaflowlib.runtime import autocast, resolve_precision, synchronize
 from metaflowlib.train import MetaTrainer, build_meta_optimizer
 
 Row = dict[str, Any]
@@ -171,9 +167,9 @@ def protonet_training(config: Row, pools: dict[str, TaskPool]) -> Row:
 
         row.update(precision="fp32", channels_last=False, loader_workers=workers)
         sample_seconds = seconds_per_call(lambda: next(loader), device, warmup=2, calls=config["steps"], repeats=config["repeats"])
-    with PeakMemory(device) as memory:
+    with PeakMemory(device, increase=True) as memory:
         row["episodes_per_second"] = rate(step, 1, device, **_timing(config))
-    row["peak_bytes"], row["memory_measure"] = memory.peak_bytes(), memory.measure
+    row["peak_bytes"], row["memory_kind"] = memory.peak_bytes(), memory.kind
     row["sampling_seconds"] = sample_seconds["median"]
     row["sampling_share_of_step"] = sample_seconds["median"] * row["episodes_per_second"]["median"]
     return row
@@ -213,9 +209,9 @@ def maml_training(config: Row, pools: dict[str, TaskPool]) -> Row:
             meta_gradient(next(sampler))
             optimizer.step()
 
-    with PeakMemory(device) as memory:
+    with PeakMemory(device, increase=True) as memory:
         row["tasks_per_second"] = rate(step, tasks, device, **_timing(config))
-    row["peak_bytes"], row["memory_measure"] = memory.peak_bytes(), memory.measure
+    row["peak_bytes"], row["memory_kind"] = memory.peak_bytes(), memory.kind
     return row
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from metaflowlib_bench import cases, peers
+from metaflowlib.report.render import measured
 from metaflowlib.runtime import device_name, resolve_device
 
 Row = dict[str, Any]
@@ -102,12 +103,13 @@ def markdown(results: Row) -> str:
         chosen = [r for r in rows if r["case"] == case and "error" not in r]
         if not chosen:
             continue
+        measure, peaks = measured([f"{r['peak_bytes'] / 2**20:.0f}" for r in chosen], [r["memory_kind"] for r in chosen])
         lines += [f"## {case} ({unit.replace('_', ' ')}, median [min-max]; peak memory over the pre-step state)", "",
-                  "| episode | library | variant | rate | peak MiB |", "|---|---|---|---|---|"]
-        for r in chosen:
+                  f"| episode | library | variant | rate | peak MiB, {measure} |", "|---|---|---|---|---|"]
+        for r, peak in zip(chosen, peaks):
             rate = r[unit]
             lines.append(f"| {r['episode']} | {r['library']} | {r.get('variant', '')} | {rate['median']:.2f} "
-                         f"[{rate['min']:.2f}-{rate['max']:.2f}] | {r['peak_bytes'] / 2**20:.0f} |")
+                         f"[{rate['min']:.2f}-{rate['max']:.2f}] | {peak} |")
         lines.append("")
     if results["ratios"]:
         lines += ["## ours / peer (same run)", "", "| case | episode | ours | peer | speed | memory |", "|---|---|---|---|---|---|"]

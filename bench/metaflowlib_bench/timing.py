@@ -1,28 +1,19 @@
-"""How the harness times and weighs a step: warm-up, repetitions, median and spread, peak memory.
+"""How the harness times a step: warm-up, repetitions, median and spread.
 
 Device work is asynchronous, so every timed region ends with a synchronize.
-Peak memory is the increase over the state just before the first timed step:
-the CUDA allocator's peak on a GPU (tensors only), the process's peak RSS on
-a CPU (meaningful only in a fresh process, which is why the harness isolates
-CPU cases in subprocesses).
+Peak memory is metaflowlib.memory's (`PeakMemory(device, increase=True)`): the
+increase over the state just before the first timed step, with its kind.
 """
 
 from __future__ import annotations
 
-import resource
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Self
 
 import torch
 
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from metaflowlib.runtime import synchronize
 
 
 def spread(values: list[float]) -> dict[str, float | list[float]]:
@@ -52,65 +43,3 @@ def seconds_per_call(fn: Callable[[], object], device: torch.device, *, warmup: 
     per_second = rate(fn, 1, device, warmup=warmup, steps=calls, repeats=repeats)
     runs = [1.0 / r for r in per_second["runs"]]
     return spread(runs)
-
-
-@dataclass
-class PeakMemory:
-    """Peak bytes above the baseline taken on entry (see the module docstring for what is counted).
-
-    On Linux the process's resident high-water mark is reset on entry (`/proc/self/clear_refs`), so the
-    peak is the region's even when loading data peaked higher before; elsewhere the peak RSS since start.
-    """
-
-    device: torch.device
-    baseline: int = 0
-    high_water_reset: bool = False
-
-    def __enter__(self) -> Self:
-        synchronize(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline = torch.cuda.memory_allocated(self.device)
-        else:
-            self.high_water_reset = reset_high_water_mark()
-            self.baseline = status_bytes("VmRSS") if self.high_water_reset else rss_peak_bytes()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        synchronize(self.device)
-
-    @property
-    def measure(self) -> str:
-        if self.device.type == "cuda":
-            return "torch.cuda.max_memory_allocated delta"
-        return "resident high-water mark (VmHWM, reset on entry) minus RSS on entry" if self.high_water_reset \
-            else "peak RSS delta (fresh process)"
-
-    def peak_bytes(self) -> int:
-        if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device) - self.baseline)
-        peak = status_bytes("VmHWM") if self.high_water_reset else rss_peak_bytes()
-        return int(peak - self.baseline)
-
-
-def rss_peak_bytes() -> int:
-    """Peak resident set size of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def reset_high_water_mark() -> bool:
-    """Reset this process's VmHWM to its current RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def status_bytes(field: str) -> int:
-    """A memory field of /proc/self/status (VmRSS, VmHWM), in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")

@@ -1,4 +1,5 @@
-"""The learned LSTM optimizer (Andrychowicz et al. 2016), its meta-training, benchmark and report.
+"""The learned LSTM optimizer (Andrychowicz et al. 2016), its meta-training and benchmark (its report:
+metaflowlib.report.learned_optimizer; served: metaflowlib.serving.learned_optimizer).
 
 It speaks the inner-optimizer protocol of `metaflowlib.methods.inner_optimizers`, next to the methods
 that drive it; nothing below `metaflowlib.methods` imports this package.

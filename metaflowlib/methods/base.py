@@ -127,7 +127,7 @@ class MetaLearner(nn.Module, ABC):
         """
         loss, logits = self.meta_loss(episode)
         loss.backward()
-        return StepStats(loss=float(loss.detach()), accuracy=accuracy(logits, episode.query_y))
+        return StepStats(loss=float(loss.detach()), accuracy=argmax_accuracy(logits, episode.query_y))
 
 
 def query_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -137,5 +137,6 @@ def query_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
-def accuracy(logits: Tensor, labels: Tensor) -> float:
+def argmax_accuracy(logits: Tensor, labels: Tensor) -> float:
+    """The share of rows whose highest logit is the label (metaflowlib.tta.classifier.accuracy scores a model on a dataset)."""
     return float((logits.argmax(-1) == labels).float().mean())

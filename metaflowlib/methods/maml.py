@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from metaflowlib.episodes import Episode
-from metaflowlib.methods.base import StepStats, accuracy
+from metaflowlib.methods.base import StepStats, argmax_accuracy
 from metaflowlib.models.conv4 import Layout
 from metaflowlib.methods.inner_loop import HeadInit, InitializationLearner, Params, Vectorize
 
@@ -77,7 +77,7 @@ class MAML(InitializationLearner):
             weight = part.tasks / episode.tasks
             (loss * weight).backward()
             loss_sum += float(loss.detach()) * weight
-            correct += accuracy(logits, part.query_y) * weight
+            correct += argmax_accuracy(logits, part.query_y) * weight
         return StepStats(loss=loss_sum, accuracy=correct)
 
 

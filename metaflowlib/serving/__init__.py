@@ -1,1 +1,2 @@
-"""The predict contract shared by the MLflow pyfunc model, the Python API and `mlflow models serve`."""
+"""Every model this project logs, as MLflow serves it: the wrappers (few-shot omega, TTA classifier, learned
+optimizer), the one models-from-code entry point, the few-shot predict contract shared with the Python API."""

@@ -6,7 +6,7 @@ Payload (a dict of arrays):
 - query_images:   uint8 [Q, H', W']
 Returns {"labels": int64 [Q], "probabilities": float32 [Q, N]}.
 JSON has no uint8: images of another integer dtype are taken when every value is in 0..255.
-MLflow checks nothing before these: the served model has no input schema (serving.log.signature).
+MLflow checks nothing before these: the served model has no input schema (serving.fewshot.signature).
 """
 
 from __future__ import annotations

@@ -1,8 +1,16 @@
-"""Log one omega directory as an MLflow pyfunc model (from code: nothing is pickled)."""
+"""How this project logs and loads a model: MLflow "models from code" over safetensors + JSON, nothing pickled.
+
+Every kind (few-shot omega: serving.fewshot, TTA classifier: serving.classifier, learned optimizer:
+serving.learned_optimizer) is logged through `log_code_model` with the one entry point
+`pyfunc_model.py`, and loaded back through `load_pyfunc`.
+"""
 
 from __future__ import annotations
 
+import importlib
+import sys
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -10,44 +18,15 @@ import numpy as np
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 # shipped with every model (code_paths): loading needs only mlflow and the requirements below, not this project
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
+# where versions logged before issue 18 import their wrapper from -> where it is now. Their shipped code/
+# cannot stand in: MLflow puts it on sys.path, but a process that has imported metaflowlib keeps this one.
+LEGACY_WRAPPER_MODULES = {
+    "metaflowlib.serving.pyfunc": "metaflowlib.serving.fewshot",
+    "metaflowlib.tta.pyfunc": "metaflowlib.serving.classifier",
+    "metaflowlib.learned_optimizer.pyfunc": "metaflowlib.serving.learned_optimizer",
+}
 
-
-def signature():
-    """Outputs only: an input schema would let MLflow cast the request before the contract sees it.
-
-    With TensorSpec inputs the scoring server parses JSON with the spec's dtype (floats in [0, 1]
-    become uint8 zeros, float labels are truncated) and `_enforce_schema` drops unknown keys and
-    answers dtype mismatches itself; without one the model gets the request's own arrays and
-    `metaflowlib.serving.contract` refuses what it must, with its message.
-    """
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    outputs = Schema([
-        TensorSpec(np.dtype(np.int64), (-1,), "labels"),
-        TensorSpec(np.dtype(np.float32), (-1, -1), "probabilities"),
-    ])
-    return ModelSignature(inputs=None, outputs=outputs)
-
-
-def example_payload(ways: int = 2, size: int = 28) -> dict[str, np.ndarray]:
-    """A `ways`-way 1-shot task of simple stroke images: small enough to store with the model."""
-    images = np.full((2 * ways, size, size), 255, dtype=np.uint8)
-    for k in range(ways):
-        row = (k * size) // ways
-        images[k, row : row + max(1, size // ways)] = 0  # class k: a horizontal band at its own height
-        images[ways + k] = images[k]
-    labels = np.arange(ways, dtype=np.int64)
-    return {"support_images": images[:ways], "support_labels": labels, "query_images": images[ways:]}
-
-
-def log_pyfunc_model(omega_dir: str | Path, ways: int = 2, name: str = "model") -> str:
-    """Log the pyfunc model into the active run; returns its model URI for registration.
-
-    `ways` sizes the stored input example (a fixed N-way head needs N-way tasks);
-    the registry's load check replays that example before promoting.
-    """
-    return log_code_model(MODEL_CODE, {"meta_knowledge": str(omega_dir)}, signature(), example_payload(ways), name)
+Wrapper = TypeVar("Wrapper")
 
 
 def requirements() -> list[str]:
@@ -59,9 +38,19 @@ def requirements() -> list[str]:
     return [f"torch=={Version(torch.__version__).public}", "safetensors>=0.4", "numpy>=1.26"]
 
 
-def log_code_model(code: Path, artifacts: dict[str, str], model_signature, input_example: dict, name: str = "model") -> str:
-    """The one way this project logs a model: MLflow "models from code" (`code` calls set_model)
-    over safetensors + JSON artifact directories, so nothing is pickled; returns the model URI.
+def label_outputs():
+    """{labels: int64 [N], probabilities: float32 [N, classes]}: what a few-shot model and a classifier answer."""
+    from mlflow.types.schema import Schema, TensorSpec
+
+    return Schema([
+        TensorSpec(np.dtype(np.int64), (-1,), "labels"),
+        TensorSpec(np.dtype(np.float32), (-1, -1), "probabilities"),
+    ])
+
+
+def log_code_model(artifacts: dict[str, str], model_signature, input_example: dict, name: str = "model") -> str:
+    """Log one artifact directory (its name picks the wrapper, see serving.model) as a pyfunc model into the
+    active run; returns the model URI.
 
     The `metaflowlib` package goes with it (MLflow puts the model's `code/` first on sys.path when
     it loads), so `mlflow models serve` works where this project is not installed."""
@@ -69,7 +58,7 @@ def log_code_model(code: Path, artifacts: dict[str, str], model_signature, input
 
     info = mlflow.pyfunc.log_model(
         name=name,
-        python_model=str(code),
+        python_model=str(MODEL_CODE),
         artifacts=artifacts,
         code_paths=[str(PACKAGE_DIR)],
         signature=model_signature,
@@ -79,13 +68,23 @@ def log_code_model(code: Path, artifacts: dict[str, str], model_signature, input
     return info.model_uri
 
 
-def unwrap_registered(uri: str, expected: type, what: str):
-    """The loaded python model behind a registered URI, refusing one of another kind (`what` names the expected one)."""
-    import mlflow
+def load_pyfunc(uri: str):
+    """`mlflow.pyfunc.load_model(uri)`, versions logged before issue 18 included."""
+    import mlflow.pyfunc
 
+    for old, new in LEGACY_WRAPPER_MODULES.items():
+        sys.modules.setdefault(old, importlib.import_module(new))
+    return mlflow.pyfunc.load_model(uri)
+
+
+def unwrap_registered(uri: str, expected: type[Wrapper]) -> Wrapper:
+    """The wrapper behind a registered URI (`models:/<name>/<version>`), refusing one of another kind."""
     from metaflowlib.errors import RegistryError
+    from metaflowlib.serving.model import ServedModel
 
-    model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
-    if not isinstance(model, expected):
-        raise RegistryError(f"{uri} is not {what} (a {type(model).__name__})")
-    return model
+    model = load_pyfunc(uri).unwrap_python_model()
+    wrapper = model.wrapper if isinstance(model, ServedModel) else model  # before issue 18: the wrapper itself
+    if not isinstance(wrapper, expected):
+        raise RegistryError(f"{uri} is not {expected.described} (its pyfunc is a {type(wrapper).__name__}); "
+                            "mlflow.pyfunc.load_model loads any kind")
+    return wrapper

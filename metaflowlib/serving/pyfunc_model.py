@@ -1,7 +1,7 @@
-"""MLflow "models from code" entry point: executed by MLflow when the model loads."""
+"""MLflow "models from code" entry point of every model this project logs: executed when the model loads."""
 
 import mlflow.models
 
-from metaflowlib.serving.pyfunc import FewShotModel
+from metaflowlib.serving.model import ServedModel
 
-mlflow.models.set_model(FewShotModel())
+mlflow.models.set_model(ServedModel())

@@ -1,3 +1,4 @@
 """Test-time adaptation: the strategies (`strategies/`: source, bn, tent, ttt), their few-shot use
-(`fewshot`), the source classifiers they start from, shifted test sets, the benchmark and its report.
+(`fewshot`), the source classifiers they start from, shifted test sets and the benchmark (its report:
+metaflowlib.report.tta; the served classifier: metaflowlib.serving.classifier).
 """

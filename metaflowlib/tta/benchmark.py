@@ -4,7 +4,7 @@ Protocol (TENT's `cifar10c.py`): every corruption x severity set starts from
 the source weights (`reset`), its test batches come in one fixed order, and
 online strategies carry their state from batch to batch within the set.
 Cost: median wall time of `predict` per test batch, peak memory above what
-was in use before adapting (CUDA allocator or resident set size), and the
+was in use before adapting (metaflowlib.memory's increase kinds), and the
 number of parameters the strategy trains.
 """
 
@@ -14,7 +14,6 @@ import functools
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,8 +22,8 @@ from torch import nn
 
 from metaflowlib.tta.strategies import OptimizerFactory, build_adapter
 from metaflowlib.learned_optimizer.learned import LearnedOptimizer, LSTMOptimizerNet
+from metaflowlib.memory import PeakMemory
 from metaflowlib.progress import phase
-from metaflowlib.runtime import rss_peak_mb
 from metaflowlib.tta.classifier import to_input
 from metaflowlib.tta.shifted import ShiftedSet
 
@@ -64,7 +63,7 @@ class StrategyResult:
     batch_ms: list[float] = field(repr=False)
     seconds: float
     peak_memory_mb: float
-    memory_kind: str
+    memory_kind: str  # metaflowlib.memory's kind of peak_memory_mb
     adapted_parameters: int
 
     def mean_error(self) -> dict[int, float]:
@@ -85,37 +84,6 @@ class StrategyResult:
             "peak_memory_mb": self.peak_memory_mb,
             "adapted_parameters": self.adapted_parameters,
         }
-
-
-def _proc_status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024  # kB
-    raise OSError(f"/proc/self/status has no {field}")
-
-
-def _start_memory(device: torch.device) -> tuple[float, str]:
-    """(memory in use now, kind), with the peak counter reset to it so the adaptation's own peak shows.
-
-    CUDA: the allocator. CPU on Linux: resident set size, the high-water mark
-    cleared through /proc/self/clear_refs; elsewhere the process peak RSS,
-    which hides an adaptation peak below the earlier high water.
-    """
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device) / 2**20, "cuda_max_allocated"
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")  # reset VmHWM to VmRSS (Linux >= 4.0)
-        return _proc_status_mb("VmRSS"), "process_rss_high_water"
-    except OSError:
-        return rss_peak_mb(), "process_peak_rss"
-
-
-def _peak_memory(device: torch.device, kind: str) -> float:
-    if kind == "cuda_max_allocated":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return _proc_status_mb("VmHWM") if kind == "process_rss_high_water" else rss_peak_mb()
 
 
 def evaluate_strategy(
@@ -152,8 +120,8 @@ def evaluate_strategy(
             wrong += int((predicted != labels[index]).sum())
         return wrong / len(labels)
 
-    (baseline, memory_kind), start = _start_memory(device), time.perf_counter()
-    errors = {c: {s: error(shifted.images(c, s), f"{c} severity {s}") for s in shifted.severities} for c in shifted.corrupted}
-    clean = error(shifted.clean, "clean images")
-    return StrategyResult(errors, clean, batch_ms, time.perf_counter() - start,
-                          _peak_memory(device, memory_kind) - baseline, memory_kind, adapted)
+    with PeakMemory(device, increase=True) as memory:
+        start = time.perf_counter()
+        errors = {c: {s: error(shifted.images(c, s), f"{c} severity {s}") for s in shifted.severities} for c in shifted.corrupted}
+        clean = error(shifted.clean, "clean images")
+    return StrategyResult(errors, clean, batch_ms, time.perf_counter() - start, memory.peak_mb(), memory.kind, adapted)

@@ -1,7 +1,7 @@
 """Test-time adaptation of a few-shot learner, one task at a time, and the Omniglot-C protocol built on it.
 
 For a per-example method (ProtoNet, parameter prediction) one task is a
-classifier of its own: `TaskClassifier` embeds the task's support and query
+classifier of its own: `TaskModule` embeds the task's support and query
 images in one batch, adapts on the support (theta_i) and returns the query
 logits. Any strategy of `metaflowlib.tta.strategies` can then wrap it, and sees
 the task's images as its test batch: `bn` normalizes with the statistics of
@@ -25,14 +25,16 @@ from metaflowlib.data.preprocess import to_model_input
 from metaflowlib.episodes import EpisodeIndices, TaskPool, fixed_episodes
 from metaflowlib.evaluate import confidence_interval, task_accuracies
 from metaflowlib.methods import MetaLearner
+from metaflowlib.methods.base import argmax_accuracy
 from metaflowlib.progress import phase
 from metaflowlib.tta.strategies import build_adapter
 
 CLEAN = "clean"
 
 
-class TaskClassifier(nn.Module):
-    """Query images [Q, C, H, W] -> logits [Q, N] for one task whose support is fixed at construction."""
+class TaskModule(nn.Module):
+    """Query images [Q, C, H, W] -> logits [Q, N] for one task whose support is fixed at construction: the
+    torch module a TTA strategy wraps (metaflowlib.api.TaskClassifier is the served model's, for users)."""
 
     def __init__(self, method: MetaLearner, support_x: Tensor, support_y: Tensor, ways: int) -> None:
         if not method.per_example_features:
@@ -58,11 +60,11 @@ def adapted_task_accuracies(
     for batch in indices.batches(1):
         episode = pool.gather(batch)
         start = time.perf_counter()
-        model = TaskClassifier(method, episode.support_x[0], episode.support_y[0], episode.ways)
+        model = TaskModule(method, episode.support_x[0], episode.support_y[0], episode.ways)
         with torch.no_grad():
             logits = build_adapter(strategy, model, **options).predict(episode.query_x[0])
         seconds.append(time.perf_counter() - start)
-        accuracies.append(float((logits.argmax(-1) == episode.query_y[0]).float().mean()))
+        accuracies.append(argmax_accuracy(logits, episode.query_y[0]))
     return torch.tensor(accuracies), float(torch.tensor(seconds).median())
 
 

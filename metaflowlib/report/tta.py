@@ -1,8 +1,9 @@
 """The comparison of strategies, shaped like Table 2 of the TENT paper (error % at severity 5 per corruption).
 
 `build_report` turns the per-strategy metrics files into one JSON; `markdown`
-and `plot` render it. Extra memory is a strategy's peak above the `source`
-strategy's (plain inference), where that strategy was run.
+and `plot` render it. Peak memory is what adapting added over the state before it
+(the run record's `memory_kind`); extra memory is a strategy's peak above the
+`source` strategy's (plain inference), where that strategy was run.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from metaflowlib.data.corruptions import CORRUPTIONS
+from metaflowlib.report.render import measured, pyplot, save_png, table_row
 
 ABBREVIATIONS = {
     "gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impul", "defocus_blur": "defoc",
@@ -50,22 +52,25 @@ def markdown(report: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
     severity, at = report["severity"], report["error_at_severity"]
     corruptions = corruption_columns(at)
     lines = [f"# Test-time adaptation: error (%) at severity {severity}", "",
-             "| strategy | model | " + " | ".join(ABBREVIATIONS.get(c, c) for c in corruptions) + " | **mean** |",
+             table_row(["strategy", "model", *(ABBREVIATIONS.get(c, c) for c in corruptions), "**mean**"]),
              "|---|---|" + "---:|" * (len(corruptions) + 1)]
-    for key, row in at.items():
-        cells = " | ".join(f"{100 * row[c]:.1f}" for c in corruptions)
-        lines.append(f"| {key} | {runs[key]['name']} v{runs[key]['version']} | {cells} | **{100 * row['mean']:.1f}** |")
+    for key, errors in at.items():
+        cells = [f"{100 * errors[c]:.1f}" for c in corruptions]
+        lines.append(table_row([key, f"{runs[key]['name']} v{runs[key]['version']}", *cells, f"**{100 * errors['mean']:.1f}**"]))
     severities = [s for s in next(iter(report["mean_error"].values())) if s != "all"]
+    strategies = list(report["mean_error"])
+    measure, peaks = measured([f"{report['cost'][k]['peak_memory_mb']:.0f}" for k in strategies],
+                              [runs[k]["memory_kind"] for k in strategies])
     lines += ["", "## Mean error (%) per severity", "",
-              "| strategy | clean | " + " | ".join(severities) + " | all | ms / batch (size) | peak memory (MB) "
-              "| extra vs source (MB) | adapted params |",
+              table_row(["strategy", "clean", *severities, "all", "ms / batch (size)", f"peak memory MiB, {measure}",
+                         "extra vs source (MiB)", "adapted params"]),
               "|---|" + "---:|" * (len(severities) + 6)]
-    for key, means in report["mean_error"].items():
-        cost = report["cost"][key]
-        cells = " | ".join(f"{100 * means[s]:.1f}" for s in severities)
-        lines.append(f"| {key} | {100 * report['error_clean'][key]:.1f} | {cells} | {100 * means['all']:.1f} | "
-                     f"{cost['ms_per_batch']:.1f} ({cost['batch_size']}) | {cost['peak_memory_mb']:.0f} | "
-                     f"{cost['extra_memory_mb']:.0f} | {cost['adapted_parameters']} |")
+    for key, peak in zip(strategies, peaks):
+        means, cost = report["mean_error"][key], report["cost"][key]
+        cells = [f"{100 * means[s]:.1f}" for s in severities]
+        lines.append(table_row([key, f"{100 * report['error_clean'][key]:.1f}", *cells, f"{100 * means['all']:.1f}",
+                                f"{cost['ms_per_batch']:.1f} ({cost['batch_size']})", peak, f"{cost['extra_memory_mb']:.0f}",
+                                cost["adapted_parameters"]]))
     ranking = sorted(at, key=lambda k: at[k]["mean"])
     lines += ["", f"Ranking at severity {severity}: " + " < ".join(f"{k} {100 * at[k]['mean']:.2f}" for k in ranking) + ".",
               "TENT paper (CIFAR-10-C, ResNet-26, severity 5): "
@@ -77,17 +82,11 @@ def markdown(report: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
 
 def plot(report: dict[str, Any], path: str | Path) -> None:
     """Mean error vs severity (0 = clean) per strategy, and error per corruption at the top severity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
-
-    from metaflowlib.io import atomic_path
 
     at = report["error_at_severity"]
     corruptions = corruption_columns(at)
-    figure, (left, right) = plt.subplots(1, 2, figsize=(14, 4.5), gridspec_kw={"width_ratios": [1, 2.5]})
+    figure, (left, right) = pyplot().subplots(1, 2, figsize=(14, 4.5), gridspec_kw={"width_ratios": [1, 2.5]})
     width = 0.8 / len(at)
     for i, (key, means) in enumerate(report["mean_error"].items()):
         severities = [s for s in means if s != "all"]
@@ -100,6 +99,4 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
     left.legend()
     right.legend(ncols=len(at))
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
+    save_png(figure, path, dpi=110)

@@ -1,9 +1,9 @@
-"""The learned optimizer as an MLflow pyfunc model, logged from code (nothing pickled).
+"""The learned optimizer served (metaflowlib.learned_optimizer.learned's directory).
 
 Predict contract: {"gradients": float [T, N]}, T successive gradients of N
 coordinates -> {"updates": float32 [T, N]}, the update theta_{t+1} - theta_t
 the optimizer takes for each, starting from fresh LSTM memory. The stages take
-the LSTM itself: `load_registered(uri)`.
+the LSTM itself: `unwrap_registered(uri, LearnedOptimizerModel).net`.
 """
 
 from __future__ import annotations
@@ -14,19 +14,21 @@ import mlflow.pyfunc
 import numpy as np
 
 from metaflowlib.errors import PayloadError
-from metaflowlib.serving.log import log_code_model, unwrap_registered
+from metaflowlib.serving.log import log_code_model
 
-MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # by path: importing it would run set_model here
+ARTIFACT = "optimizer"  # the optimizer directory (safetensors + JSON)
 MAX_VALUES = 10_000_000  # T x N per request: a larger payload is refused rather than exhausting memory
 
 
 class LearnedOptimizerModel(mlflow.pyfunc.PythonModel):
     """Replays a gradient sequence through the stored LSTM optimizer."""
 
+    described = "a learned optimizer"
+
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         from metaflowlib.learned_optimizer.learned import load_optimizer
 
-        self.net = load_optimizer(context.artifacts["optimizer"]).eval()
+        self.net = load_optimizer(context.artifacts[ARTIFACT]).eval()
 
     def predict(self, context, model_input, params=None):  # untyped: MLflow reads hints as a schema
         import torch
@@ -62,9 +64,4 @@ def example_payload() -> dict[str, np.ndarray]:
 
 def log_optimizer_model(directory: str | Path, name: str = "model") -> str:
     """Log the optimizer directory (safetensors + JSON) as a pyfunc model into the active run; returns its URI."""
-    return log_code_model(MODEL_CODE, {"optimizer": str(directory)}, signature(), example_payload(), name)
-
-
-def load_registered(uri: str):
-    """The `LSTMOptimizerNet` behind a registered learned-optimizer URI (`models:/<name>/<version>`)."""
-    return unwrap_registered(uri, LearnedOptimizerModel, "a learned optimizer").net
+    return log_code_model({ARTIFACT: str(directory)}, signature(), example_payload(), name)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from metaflowlib.io import atomic_path
+from metaflowlib.report.render import pyplot, save_png, table_row
 
 CURVE_FIELDS = ["suite", "optimizer", "step", "train_loss_mean", "train_loss_std", "test_accuracy_mean",
                 "test_accuracy_std", "tasks"]
@@ -23,7 +24,7 @@ def table(by_optimizer: dict[str, Any], horizons: list[str]) -> list[str]:
     """One row per optimizer: final train loss and test accuracy (mean ± std over tasks) per horizon, step cost."""
     head = ["optimizer"] + [f"{c} {h}" for h in horizons for c in ("train loss", "test acc")]
     head += [f"diverged {horizons[-1]}", "update ms", "step ms"]
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = [table_row(head), "|" + "---|" * len(head)]
     for name, s in by_optimizer.items():
         cells = [name]
         for h in horizons:
@@ -31,7 +32,7 @@ def table(by_optimizer: dict[str, Any], horizons: list[str]) -> list[str]:
             cells += [_pm(a["train_loss_mean"], a["train_loss_std"]), _pm(a["test_accuracy_mean"], a["test_accuracy_std"], 3)]
         last = s["at"][horizons[-1]]
         cells += [f"{last['diverged']}/{last['tasks']}", f"{s['update_ms']:.2f}", f"{s['step_ms']:.2f}"]
-        rows.append("| " + " | ".join(cells) + " |")
+        rows.append(table_row(cells))
     return rows
 
 
@@ -75,14 +76,9 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
 
 def plot(report: dict[str, Any], horizon: int, path: Path) -> None:
     """Per suite: mean full training loss (log scale) and test accuracy vs step, +- std band; dashed lines at the horizons."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     suites = list(report["suites"])
     multiples = [int(h[:-1]) for h in next(iter(report["suites"][suites[0]].values()))["at"]]
-    fig, axes = plt.subplots(len(suites), 2, figsize=(11, 2.8 * len(suites)), squeeze=False)
+    fig, axes = pyplot().subplots(len(suites), 2, figsize=(11, 2.8 * len(suites)), squeeze=False)
     for row, suite in zip(axes, suites):
         for name, summary in report["suites"][suite].items():
             points = [p for p in summary["curve"] if p["train_loss_mean"] is not None]
@@ -103,6 +99,4 @@ def plot(report: dict[str, Any], horizon: int, path: Path) -> None:
     for ax in axes[-1]:
         ax.set_xlabel("optimizee step")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
+    save_png(fig, path, dpi=90)

@@ -1,10 +1,10 @@
-"""The MLflow pyfunc wrapper of a source classifier, logged from code (nothing pickled).
+"""A TTA source classifier served (metaflowlib.tta.classifier's directory).
 
 Predict contract: {"images": uint8 [N, H, W]} (0 = black background, 255 =
 white, H = W = the trained image size) -> {"labels": int64 [N],
 "probabilities": float32 [N, classes]}, in eval mode (each image independent
 of its batch). The TTA stages take the torch module itself:
-`mlflow.pyfunc.load_model(uri).unwrap_python_model().model`.
+`unwrap_registered(uri, ClassifierModel).model`.
 """
 
 from __future__ import annotations
@@ -15,21 +15,23 @@ import mlflow.pyfunc
 import numpy as np
 
 from metaflowlib.errors import PayloadError
-from metaflowlib.serving.log import log_code_model, unwrap_registered
+from metaflowlib.serving.log import label_outputs, log_code_model
 
-MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # by path: importing it would run set_model here
+ARTIFACT = "classifier"  # the classifier directory (safetensors + JSON)
 MAX_IMAGES = 20_000  # per request: a larger payload is refused rather than exhausting memory
 
 
 class ClassifierModel(mlflow.pyfunc.PythonModel):
     """Labels a batch of images with the stored classifier."""
 
+    described = "a TTA source classifier"
+
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         from metaflowlib.runtime import resolve_device
         from metaflowlib.tta.classifier import load_classifier
 
         self.device = resolve_device("auto")
-        self.model, self.config = load_classifier(context.artifacts["classifier"], self.device)
+        self.model, self.config = load_classifier(context.artifacts[ARTIFACT], self.device)
         self.image_size = int(self.config["config"]["image_size"])
 
     def predict(self, context, model_input, params=None):  # untyped: MLflow reads hints as a schema
@@ -54,11 +56,7 @@ def signature():
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1), "images")]),
-        outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,), "labels"),
-                        TensorSpec(np.dtype(np.float32), (-1, -1), "probabilities")]),
-    )
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1), "images")]), outputs=label_outputs())
 
 
 def example_payload(size: int) -> dict[str, np.ndarray]:
@@ -70,10 +68,4 @@ def example_payload(size: int) -> dict[str, np.ndarray]:
 
 def log_classifier_model(directory: str | Path, image_size: int, name: str = "model") -> str:
     """Log the classifier directory as a pyfunc model into the active run; returns its model URI."""
-    return log_code_model(MODEL_CODE, {"classifier": str(directory)}, signature(), example_payload(image_size), name)
-
-
-def load_registered(uri: str):
-    """The torch module and config.json behind a registered classifier URI (`models:/<name>/<version>`)."""
-    model = unwrap_registered(uri, ClassifierModel, "a TTA source classifier")
-    return model.model, model.config
+    return log_code_model({ARTIFACT: str(directory)}, signature(), example_payload(image_size), name)

@@ -20,6 +20,7 @@ from typing import Any
 
 from metaflowlib.io import atomic_path
 from metaflowlib.methods import METHODS
+from metaflowlib.report.render import measured, pyplot, save_png, table_row
 
 CURVES = ("train_loss", "val_accuracy")  # columns of metrics/<m>/train_curve.csv the report plots
 # the figures, next to summary.md (which links them by these names)
@@ -89,31 +90,32 @@ def markdown(records: list[MethodRecord], settings: list[str], profile: str, dev
     lines = [f"# Methods side by side (profile `{profile}`, {device})", "",
              ("Accuracy (%) ± 95% CI on the same fixed test tasks for every method; — = not scored "
              "(a fixed N-way head is scored on N-way tasks only)."), "",
-             "| method | variant | " + " | ".join(settings) + " |", "|---|---|" + "---|" * len(settings)]
+             table_row(["method", "variant", *settings]), "|---|---|" + "---|" * len(settings)]
     for r in records:
         cells = [_pct(r.metrics.get(f"acc_{s}"), r.metrics.get(f"ci95_{s}")) for s in settings]
-        lines.append(f"| {r.key} ({r.kind}) | {variant(r)} | " + " | ".join(cells) + " |")
+        lines.append(table_row([f"{r.key} ({r.kind})", variant(r), *cells]))
         if published and r.kind in PUBLISHED:
             source, numbers = PUBLISHED[r.kind]
             cells = [f"{numbers[s]:.2f}" if s in numbers else "—" for s in settings]
-            lines.append(f"| ↳ published | {source}, to convergence on a GPU | " + " | ".join(cells) + " |")
+            lines.append(table_row(["↳ published", f"{source}, to convergence on a GPU", *cells]))
     shots = sorted({k for r in records for k in r.shots_curve()})
     lines += ["", "5-way accuracy (%) as shots grow (where each method stops improving):", "",
-              "| method | " + " | ".join(f"{k} shot" for k in shots) + " |", "|---|" + "---|" * len(shots)]
+              table_row(["method", *(f"{k} shot" for k in shots)]), "|---|" + "---|" * len(shots)]
     for r in records:
         curve = r.shots_curve()
-        lines.append(f"| {r.key} | " + " | ".join(_pct(curve.get(k)) for k in shots) + " |")
+        lines.append(table_row([r.key, *(_pct(curve.get(k)) for k in shots)]))
     lines += ["", f"![5-way test accuracy vs shots, one line per method]({SHOTS_PNG})"]
-    lines += ["", ("Cost of meta-training and adaptation (peak memory: the training process's peak RSS on CPU, "
-              "allocator peak on CUDA):"), "",
+    measure, memory = measured([_memory(r.train) for r in records], [r.train["memory_kind"] for r in records])
+    lines += ["", ("Cost of meta-training and adaptation (peak memory as metaflowlib.memory names it: process_peak_rss, "
+              "the training process's peak RSS; cuda_max_allocated, the CUDA allocator's peak):"), "",
               ("| method | pre-training s | episodic meta-training s | total s | episodes | trainable omega "
-               "| peak memory MiB (pre-training / meta-training) | adaptation ms/task |"), "|---|---|---|---|---|---|---|---|"]
-    for r in records:
+               f"| peak memory MiB, {measure} (pre-training / meta-training) | adaptation ms/task |"), "|---|---|---|---|---|---|---|---|"]
+    for r, peak in zip(records, memory):
         pre = r.train.get("pretrain_seconds")
         meta = r.train.get("meta_train_seconds")
         total = (pre or 0) + (meta or 0)
         lines.append(f"| {r.key} | {_seconds(pre)} | {_seconds(meta)} | {_seconds(total)} | {r.train.get('meta_train_episodes', '—')} "
-                     f"| {r.train.get('meta_parameters', '—'):,} | {_memory(r.train)} "
+                     f"| {r.train.get('meta_parameters', '—'):,} | {peak} "
                      f"| {r.metrics.get('adaptation_ms_per_task', float('nan')):.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -136,12 +138,7 @@ def shift_markdown(reports: dict[str, dict[str, Any]]) -> str:
 
 def plot_shots_curves(records: list[MethodRecord], path: str | Path) -> None:
     """Accuracy vs shots, one line per method, as a PNG (written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7.5, 4))
+    figure, axis = pyplot().subplots(figsize=(7.5, 4))
     for r in records:
         curve = sorted(r.shots_curve().items())
         if curve:
@@ -155,7 +152,7 @@ def plot_shots_curves(records: list[MethodRecord], path: str | Path) -> None:
     axis.grid(alpha=0.3)
     axis.legend(loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
-    _save(figure, path, plt)
+    save_png(figure, path, dpi=120, tight=True)
 
 
 def read_training_curve(path: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -184,12 +181,9 @@ def training_markdown(records: list[MethodRecord], validation: str) -> str:
 
 def plot_training_curves(records: list[MethodRecord], validation: str, path: str | Path) -> None:
     """Training loss and validation accuracy vs episode (log scales: budgets span 40 to 20000 episodes), as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = pyplot()
     figure, (loss_axis, val_axis) = plt.subplots(1, 2, figsize=(13, 4.8))
     for color, r in zip(cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"]), records):
         loss, val = r.curves.get("train_loss", []), r.curves.get("val_accuracy", [])
@@ -210,7 +204,7 @@ def plot_training_curves(records: list[MethodRecord], validation: str, path: str
         axis.grid(alpha=0.3, which="both")
     val_axis.legend(loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
-    _save(figure, path, plt)
+    save_png(figure, path, dpi=120, tight=True)
 
 
 def trailing_mean(values: Any, window: int) -> Any:
@@ -249,12 +243,12 @@ def memory_markdown(benchmarks: dict[str, dict[str, Any]]) -> str:
         shape = b["shape"]
         lines += [(f"`bench/results/{folder}`: {b['device']}, torch {b['torch']}, {b['threads']} threads; {shape['tasks']} tasks of "
                    f"{shape['ways']}-way {shape['shots']}-shot per meta-step; memory: {b['memory_measure']}."), "",
-                  "| method | " + " | ".join(f"{k} step{'s' if k > 1 else ''}" for k in steps) + " |", "|---|" + "---|" * len(steps)]
+                  table_row(["method", *(f"{k} step{'s' if k > 1 else ''}" for k in steps)]), "|---|" + "---|" * len(steps)]
         for kind in _kinds(b):
             by_steps = {run["inner_steps"]: run for run in b["runs"] if run["method"] == kind}
             cells = [f"{by_steps[k]['peak_bytes'] / 2**20:.0f} / {1e3 * by_steps[k]['seconds_per_step']:.0f}" if k in by_steps else "—"
                      for k in steps]
-            lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+            lines.append(table_row([kind, *cells]))
         ratio = b.get("vmap_vs_loop")
         if ratio:
             lines += ["", (f"{ratio['method']} with vmap over tasks vs the per-task loop ({ratio['inner_steps']} inner steps): "
@@ -266,12 +260,9 @@ def memory_markdown(benchmarks: dict[str, dict[str, Any]]) -> str:
 
 def plot_memory(benchmarks: dict[str, dict[str, Any]], path: str | Path) -> None:
     """Peak memory and time per meta-step vs inner steps per method; one line style per results folder (device)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+    plt = pyplot()
     figure, (memory_axis, time_axis) = plt.subplots(1, 2, figsize=(13, 4.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     kinds = list(dict.fromkeys(kind for b in benchmarks.values() for kind in _kinds(b)))
@@ -298,7 +289,7 @@ def plot_memory(benchmarks: dict[str, dict[str, Any]], path: str | Path) -> None
     time_axis.legend(loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.suptitle(f"Conv-4 5-way 1-shot: {devices}")
     figure.tight_layout()
-    _save(figure, path, plt)
+    save_png(figure, path, dpi=120, tight=True)
 
 
 def plot_data(records: list[MethodRecord], benchmarks: dict[str, dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
@@ -333,7 +324,7 @@ def write_plot_data(data: dict[str, dict[str, list[dict[str, Any]]]], directory:
 
 def optimizer_markdown(report: dict[str, Any]) -> str:
     """The optimizer_eval stage's pooled tables (its metrics/learned_optimizer/report.json) and curves, linked."""
-    from metaflowlib.learned_optimizer.report import table
+    from metaflowlib.report.learned_optimizer import table
 
     horizons = [f"{m}x" for m in report["multiples"]]
     lines = ["", "## Learned optimizer vs Adam", "",
@@ -366,10 +357,3 @@ def tta_markdown(report: dict[str, Any]) -> str:
                      f"| {cost['ms_per_batch']:.0f} ({cost['batch_size']}) |")
     lines += ["", "![error vs severity per strategy; error per corruption at the top severity](../metrics/tta/report.png)"]
     return "\n".join(lines) + "\n"
-
-
-def _save(figure: Any, path: str | Path, plt: Any) -> None:
-    """Write the PNG atomically (a failed stage leaves no partial figure) and free the figure."""
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(figure)

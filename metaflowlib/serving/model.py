@@ -1,0 +1,34 @@
+"""The pyfunc model every logged model loads as: the wrapper of the kind its artifact directory holds.
+
+`pyfunc_model.py`, the one models-from-code entry point, sets a `ServedModel`; MLflow then calls
+`load_context` with the model's artifacts, whose name says the kind. Each kind's module is imported
+by name, so loading one kind runs no other kind's code (nor do the stages that log it depend on it).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import mlflow.pyfunc
+
+# artifact name (as `log_code_model` got it) -> (module, class) of its wrapper
+WRAPPERS = {
+    "meta_knowledge": ("metaflowlib.serving.fewshot", "FewShotModel"),
+    "classifier": ("metaflowlib.serving.classifier", "ClassifierModel"),
+    "optimizer": ("metaflowlib.serving.learned_optimizer", "LearnedOptimizerModel"),
+}
+
+
+class ServedModel(mlflow.pyfunc.PythonModel):
+    """Loads the wrapper its one artifact calls for and answers through it."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        (artifact,) = context.artifacts
+        if artifact not in WRAPPERS:
+            raise ValueError(f"no wrapper serves an artifact named {artifact!r}; expected one of {sorted(WRAPPERS)}")
+        module, name = WRAPPERS[artifact]
+        self.wrapper = getattr(importlib.import_module(module), name)()
+        self.wrapper.load_context(context)
+
+    def predict(self, context, model_input, params=None):  # untyped: MLflow reads hints as a schema
+        return self.wrapper.predict(context, model_input, params)
