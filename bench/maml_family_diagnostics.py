@@ -99,7 +99,7 @@ def meta_gradient(method, episode: Episode, first_order: bool) -> Vector:
     method.first_order = first_order
     try:
         loss, _ = method.meta_loss(episode)
-        names, params = zip(*method.theta().items())
+        names, params = zip(*method.omega().items())
         grads = torch.autograd.grad(loss, params)
     finally:
         method.first_order = saved
@@ -139,7 +139,7 @@ def extreme_eigenvalues(hvp: Callable[[Vector], Vector], like: Vector, iteration
 
 def head_weight_curvature(method, episode: Episode) -> float:
     """lambda_max of the support-loss Hessian in the head weight alone, at theta (mean over tasks)."""
-    theta = {k: v.detach() for k, v in method.theta().items()}
+    theta = {k: v.detach() for k, v in method.omega().items()}
     values = []
     for i in range(episode.tasks):
         x, y = episode.support_x[i], episode.support_y[i]
@@ -233,7 +233,7 @@ def imaml_probe(p: Params, key: str, episode: Episode) -> dict:
     method.train()
     lam = method.lam
     cg_damping, lam_damping = getattr(method, "cg_damping", 0.0), getattr(method, "lam_damping", 0.0)
-    theta = {k: v.detach() for k, v in method.theta().items()}
+    theta = {k: v.detach() for k, v in method.omega().items()}
     rows = []
     for i in range(IMAML_TASKS):
         sx, sy, qx, qy = episode.support_x[i], episode.support_y[i], episode.query_x[i], episode.query_y[i]
@@ -301,7 +301,7 @@ def reptile_probe(p: Params, key: str, episode: Episode) -> dict:
     method = build(p, key)
     method._mode(episode.support_x)
     method.train()
-    theta = {k: v.detach() for k, v in method.theta().items()}
+    theta = {k: v.detach() for k, v in method.omega().items()}
     rows = []
     for i in range(episode.tasks):
         x, y = episode.support_x[i], episode.support_y[i]

@@ -42,7 +42,7 @@ def group_cosines(method, episode) -> dict[str, float]:
     for first_order in (True, False):
         method.first_order = first_order
         loss, _ = method.meta_loss(episode)
-        grads[first_order] = dict(zip(method.theta(), torch.autograd.grad(loss, list(method.theta().values()))))
+        grads[first_order] = dict(zip(method.omega(), torch.autograd.grad(loss, list(method.omega().values()))))
     kinds = {name: ("head" if name.startswith("1.") else type(method.net.get_submodule(name.rsplit(".", 1)[0])).__name__)
              for name in grads[True]}
     out = {}
@@ -122,7 +122,7 @@ def test_imaml_diagnostics_report_the_inner_solve_and_cg() -> None:
     report = imaml.diagnostics(episode)
     assert set(report) == {"inner_grad_norm", "cg_residual", "cg_stopped_early"}
     assert report["inner_grad_norm"] > 0 and 0 <= report["cg_stopped_early"] <= 1 and report["cg_residual"] < 1
-    assert imaml.theta()["1.weight"].grad is None  # diagnostics leave the meta-gradient alone
+    assert imaml.omega()["1.weight"].grad is None  # diagnostics leave the meta-gradient alone
 
 
 def test_reptile_inner_loop_is_nichol_et_al_adam_on_class_balanced_mini_batches() -> None:
@@ -131,10 +131,10 @@ def test_reptile_inner_loop_is_nichol_et_al_adam_on_class_balanced_mini_batches(
     episode = _episode(tasks=1, shots=2, queries=2, dtype=torch.float64)
     torch.manual_seed(0)
     reptile = Reptile(ways=3, hidden=4, image_size=12, inner_steps=4, inner_lr=0.01, inner_batch=3, vectorize="loop").double()
-    names = list(reptile.theta())
+    names = list(reptile.omega())
     x = torch.cat([episode.support_x[0].unflatten(0, (3, 2)), episode.query_x[0].unflatten(0, (3, 2))], 1).transpose(0, 1).flatten(0, 1)
     y = torch.cat([episode.support_y[0].unflatten(0, (3, 2)), episode.query_y[0].unflatten(0, (3, 2))], 1).transpose(0, 1).flatten(0, 1)
-    weights = [p.detach().clone().requires_grad_() for p in reptile.theta().values()]
+    weights = [p.detach().clone().requires_grad_() for p in reptile.omega().values()]
     adam = torch.optim.Adam(weights, lr=0.01, betas=(0.0, 0.999))
     for step in range(4):
         batch = slice(3 * step % 12, 3 * step % 12 + 3)
@@ -142,9 +142,9 @@ def test_reptile_inner_loop_is_nichol_et_al_adam_on_class_balanced_mini_batches(
         adam.zero_grad()
         reptile.task_loss(dict(zip(names, weights)), x[batch], y[batch]).backward()
         adam.step()
-    theta = {k: v.detach().clone() for k, v in reptile.theta().items()}
+    theta = {k: v.detach().clone() for k, v in reptile.omega().items()}
     reptile.meta_gradient(episode)
-    for (name, p), w in zip(reptile.theta().items(), weights):
+    for (name, p), w in zip(reptile.omega().items(), weights):
         assert torch.allclose(theta[name] - p.grad, w.detach(), atol=1e-10), name  # .grad = -(W_i - theta)
 
 

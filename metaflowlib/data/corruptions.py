@@ -26,7 +26,6 @@ from io import BytesIO
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 SCALE = 28 / 32  # pixel lengths: CIFAR-10 (32 px) -> Fashion-MNIST / Omniglot (28 px)
 MIN_SIDE = 8  # smallest height/width accepted (the diamond-square map and the kernels need a few pixels)
@@ -443,6 +442,8 @@ def _box_weights(size_in: int, size_out: int) -> np.ndarray:
 
 def _jpeg_compression(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     """JPEG artefacts: a PIL encode/decode round trip at `quality` (one call per image; libjpeg has no batch API)."""
+    from PIL import Image
+
     quality = {
         1: 80,
         2: 65,

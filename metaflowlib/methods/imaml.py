@@ -98,7 +98,7 @@ class IMAML(InitializationLearner):
         """.grad += 1/T sum_i A_i^{-1} grad_phi L(phi_i*, D_i^v); stats at phi_i*."""
         g, loss, logits, _, _ = self._implicit_gradients(episode)
         with torch.no_grad():
-            for name, p in self.theta().items():
+            for name, p in self.omega().items():
                 step = g[name].mean(0)
                 p.grad = step if p.grad is None else p.grad + step
         return StepStats(loss=float(loss.mean()), accuracy=argmax_accuracy(logits, episode.query_y))
@@ -115,7 +115,7 @@ class IMAML(InitializationLearner):
         """Per task: the implicit meta-gradient, query loss and logits at phi_i*, CG's report, and the
         proximal objective's gradient norm at phi_i*."""
         self.check_ways(episode.ways)
-        theta = {k: p.detach() for k, p in self.theta().items()}
+        theta = {k: p.detach() for k, p in self.omega().items()}
         with torch.no_grad():
             phi = self._proximal_solve(episode.support_x, episode.support_y, self.inner_steps)
 
@@ -135,7 +135,7 @@ class IMAML(InitializationLearner):
         return g, loss, logits, CGResult(g, residual, stopped), inner_norm
 
     def _proximal_solve(self, support_x: Tensor, support_y: Tensor, steps: int) -> Params:
-        theta = {k: p.detach() for k, p in self.theta().items()}
+        theta = {k: p.detach() for k, p in self.omega().items()}
         return self.fine_tune(theta, support_x, support_y, steps, first_order=True, proximal=self.lam)
 
     def _query_loss(self, params: Params, x: Tensor, y: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:

@@ -218,8 +218,9 @@ class InitializationLearner(MetaLearner):
     def fixed_ways(self) -> int:
         return self.ways
 
-    def theta(self) -> Params:
-        """The initialization as a functional parameter dict (live parameters, not copies)."""
+    def omega(self) -> Params:
+        """omega: the meta-learned initialization as a functional parameter dict (live parameters, not copies);
+        each task's theta_i starts from it."""
         return dict(self.net.named_parameters())
 
     def task_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:

@@ -60,7 +60,7 @@ class MAML(InitializationLearner):
     def adapt(self, support_x: Tensor, support_y: Tensor, ways: int) -> Params:
         """theta_i [T, ...] for each task; differentiable w.r.t. theta when autograd is on."""
         self.check_ways(ways)
-        return self.fine_tune(self.theta(), support_x, support_y, self.adaptation_steps(), first_order=self.first_order)
+        return self.fine_tune(self.omega(), support_x, support_y, self.adaptation_steps(), first_order=self.first_order)
 
     def meta_gradient(self, episode: Episode) -> StepStats:
         """The meta-batch's gradient, accumulated chunk by chunk: each chunk's backward frees its graph, so peak
@@ -102,7 +102,7 @@ class MAML(InitializationLearner):
             loss, _ = self.meta_loss(episode)
         finally:
             self.first_order = saved
-        names, params = zip(*self.theta().items())
+        names, params = zip(*self.omega().items())
         return dict(zip(names, torch.autograd.grad(loss, params)))
 
 

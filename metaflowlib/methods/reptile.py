@@ -98,7 +98,7 @@ class Reptile(InitializationLearner):
     def adapt(self, support_x: Tensor, support_y: Tensor, ways: int) -> Params:
         """k' SGD steps from theta on the support set (first order: nothing backpropagates through it)."""
         self.check_ways(ways)
-        return self.fine_tune(self.theta(), support_x, support_y, self.adaptation_steps(), first_order=True)
+        return self.fine_tune(self.omega(), support_x, support_y, self.adaptation_steps(), first_order=True)
 
     def meta_gradient(self, episode: Episode) -> StepStats:
         """.grad += -(mean_i W_i - theta); stats are W_i's loss and accuracy on the query set
@@ -106,7 +106,7 @@ class Reptile(InitializationLearner):
         self.check_ways(episode.ways)
         x, y = self._inner_data(episode)
         with torch.no_grad():
-            theta = self.theta()
+            theta = self.omega()
             w = self.fine_tune(theta, x, y, self.inner_steps, first_order=True, batch_size=self.inner_batch)  # W_i
             for name, p in theta.items():
                 direction = p - w[name].mean(0)  # -(mean_i W_i - theta)
@@ -119,7 +119,7 @@ class Reptile(InitializationLearner):
         """Did the inner loop make progress on its own data? Mean over tasks of the inner loss at theta and
         at W_i, and of the gradient norm at W_i (an inner optimizer that overshoots raises the loss)."""
         x, y = self._inner_data(episode)
-        theta = {k: p.detach() for k, p in self.theta().items()}
+        theta = {k: p.detach() for k, p in self.omega().items()}
         with torch.no_grad():
             w = self.fine_tune(theta, x, y, self.inner_steps, first_order=True, batch_size=self.inner_batch)
         inputs = self._inputs(x)
