@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import subprocess
@@ -197,6 +198,37 @@ def flatten_params(data: Any, prefix: str = "") -> dict[str, str]:
             out.update(flatten_params(value, f"{prefix}{key}."))
         return out
     return {prefix.rstrip("."): str(data)}
+
+
+def log_splits(prepared_dir: str | Path, splits: dict[str, str]) -> None:
+    """Log prepared splits (split -> context, e.g. {"train": "training", "val": "validation"}) as the active run's
+    dataset inputs, so the runs table's Dataset column shows what a run used and `dataset.digest = '<d>'` finds
+    every run that used the same bytes. Each is named `<dataset>/<split>` (info.json's dataset), with the split's
+    content digest (`split_digest`) and its folder as source. The rows stay on disk: MLflow's own digest and
+    schema inference would convert 10,000 of them, and both fail on the image arrays. Logging a split again to
+    the same run adds nothing.
+    """
+    import datasets
+    import mlflow
+
+    from metaflowlib.data.store import load_info, split_digest
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
+
+    if mlflow.active_run() is None:  # mlflow.log_input would start a stray run of its own
+        raise MetaflowError("log_splits logs into the active MLflow run, and none is active")
+    name = load_info(prepared_dir)["dataset"]
+    for split, context in splits.items():
+        path = Path(prepared_dir) / split
+        digest = split_digest(prepared_dir, split)
+        source = get_dataset_source_from_json(json.dumps({"uri": path.resolve().as_uri()}), source_type="local")
+        dataset = mlflow.data.from_huggingface(datasets.load_from_disk(str(path)), targets="label",
+                                               name=f"{name}/{split}", digest=digest, source=source)
+        # the columns prepare.save_splits writes; set here because MLflow 3.17 cannot infer a type for image arrays
+        dataset.schema = Schema([ColSpec(Array(Array(DataType.integer)), "image"), ColSpec(DataType.integer, "label"),
+                                 ColSpec(DataType.string, "class_name")])
+        mlflow.log_input(dataset, context=context)
 
 
 class MetricLogger:

@@ -19,7 +19,7 @@ from _stage import PREPARED, ROOT, declared, method_key, params, run_guarded
 
 from metaflowlib import tracking
 from metaflowlib.artifacts import load_meta_knowledge
-from metaflowlib.data.store import load_pool, log_splits
+from metaflowlib.data.store import load_pool
 from metaflowlib.evaluate import evaluate_protocol
 from metaflowlib.evaluation_log import INHERITED_TAGS, flat_metrics, log_evaluation
 from metaflowlib.io import atomic_path, read_json, write_json
@@ -53,7 +53,7 @@ def main() -> None:
             | {f"episodes_digest_{name}": d[:16] for name, d in digests.items()})
     with tracking.stage_run(p, f"evaluate@{key}", f"{key}-evaluate", tags=tags, device=device,
                             params={"evaluate": e.model_dump(mode="json"), "precision": p.train.precision}) as run:
-        log_splits(PREPARED, {"test": "testing"})
+        tracking.log_splits(PREPARED, {"test": "testing"})
         children = log_evaluation(run.info.run_id, f"evaluate@{key}", report, per_task, metrics, model_id, tracking.own_tags(run))
     superseded = tracking.supersede(run.info.run_id, {"stage": f"evaluate@{key}", "evaluated_run_id": train["run_id"]})
 

@@ -20,7 +20,7 @@ from _stage import PREPARED, ROOT, Checkpoints, method_key, params, run_guarded
 
 from metaflowlib import registry, tracking
 from metaflowlib.artifacts import save_meta_knowledge
-from metaflowlib.data.store import load_pool, log_splits
+from metaflowlib.data.store import load_pool
 from metaflowlib.errors import Interrupted
 from metaflowlib.evaluate import embed_pool, evaluate_setting
 from metaflowlib.io import WEIGHTS_FILE, atomic_path, sha256_file, write_json
@@ -79,7 +79,7 @@ def main() -> None:
         if run_id is None:
             mlflow.log_params(tracking.flatten_params({"pretrain": pretrain.model_dump(mode="json"), "seed": p.seed,
                                                        "profile": p.profile, "budget": budget.model_dump(mode="json")}))
-        log_splits(PREPARED, {"train": "training", "val": "validation"})  # val picks the best epoch
+        tracking.log_splits(PREPARED, {"train": "training", "val": "validation"})  # val picks the best epoch
         checkpoints.started(run.info.run_id)
         try:
             result = pretrain_feature_map(

@@ -24,7 +24,7 @@ from metaflowlib import distributed, tracking
 from metaflowlib.artifacts import load_meta_knowledge, save_meta_knowledge
 from metaflowlib.config import Params
 from metaflowlib.config.methods import method_spec
-from metaflowlib.data.store import load_info, load_pool, log_splits
+from metaflowlib.data.store import load_info, load_pool
 from metaflowlib.episodes import EpisodeSampler, fixed_episodes
 from metaflowlib.errors import DataError, Interrupted
 from metaflowlib.evaluate import embed_pool, evaluate_setting
@@ -142,7 +142,7 @@ def train(p: Params, key: str, device: torch.device, group: distributed.Distribu
             mlflow.log_params(tracking.flatten_params({"method": mp.flat(), "data": p.data.model_dump(mode="json"),
                                                         "train": p.train.model_dump(mode="json"), "seed": p.seed, "profile": p.profile,
                                                         "budget": budget.model_dump(mode="json")}))
-        log_splits(PREPARED, {"train": "training", "val": "validation"})
+        tracking.log_splits(PREPARED, {"train": "training", "val": "validation"})
         checkpoints.started(run.info.run_id)
         try:
             result = trainer(tracking.MetricLogger(run.info.run_id), progress).run()

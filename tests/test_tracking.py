@@ -10,11 +10,10 @@ import datasets
 import mlflow
 import pytest
 import torch
-from conftest import class_images, load_stage
+from conftest import class_images
 
-from metaflowlib import runtime, tracking
+from metaflowlib import evaluation_log, runtime, tracking
 from metaflowlib.data.prepare import Split, save_splits
-from metaflowlib.data.store import log_splits
 from metaflowlib.errors import MetaflowError
 
 PARENT_ID = "mlflow.parentRunId"
@@ -66,11 +65,10 @@ def test_a_rerun_evaluation_supersedes_the_earlier_one_and_keeps_it(mlflow_store
 
 
 def test_one_nested_run_per_configuration_with_the_evaluation_runs_tags():
-    evaluate = load_stage("evaluate")
     report = {"settings": {"5w1s": result(5, 1, 0.9, "a"), "20w5s": result(20, 5, 0.8, "b")},
               "shots_curve": {"1": result(5, 1, 0.9, "a"), "10": result(5, 10, 0.97, "c")}}  # 1 shot: the 5w1s tasks, reused
     tags = {"method": "protonet", "profile": "default", "data_digest": "d1", "device": "cpu", "stage": "evaluate@protonet"}
-    children = evaluate.child_runs(report, tags)
+    children = evaluation_log.child_runs(report, tags)
     assert list(children) == ["evaluate/5w1s", "evaluate/20w5s", "evaluate/5w10s"]
     tags, metrics = children["evaluate/5w10s"]
     assert tags == {"method": "protonet", "profile": "default", "data_digest": "d1", "device": "cpu", "stage": "evaluate@protonet",
@@ -136,10 +134,10 @@ def test_a_run_records_the_prepared_splits_it_used_and_is_found_by_their_digest(
     rows = prepared_splits(prepared)
     experiment = tracking.experiment_id("synthetic", str(tmp_path / "mlartifacts"))
     with mlflow.start_run(experiment_id=experiment) as run:
-        log_splits(prepared, {"train": "training", "val": "validation"})
-        log_splits(prepared, {"train": "training"})  # a resumed run logs again: nothing is added
+        tracking.log_splits(prepared, {"train": "training", "val": "validation"})
+        tracking.log_splits(prepared, {"train": "training"})  # a resumed run logs again: nothing is added
     with mlflow.start_run(experiment_id=experiment) as other:
-        log_splits(prepared, {"val": "validation"})
+        tracking.log_splits(prepared, {"val": "validation"})
 
     inputs = mlflow.MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
     by_context = {tag.value: item.dataset for item in inputs for tag in item.tags if tag.key == "mlflow.data.context"}
@@ -162,7 +160,7 @@ def test_a_run_records_the_prepared_splits_it_used_and_is_found_by_their_digest(
     assert found("dataset.name = 'synthetic/val' and dataset.context = 'validation'") == {run.info.run_id, other.info.run_id}
 
     with pytest.raises(MetaflowError, match="none is active"):
-        log_splits(prepared, {"train": "training"})  # outside a run: refused, not a stray run
+        tracking.log_splits(prepared, {"train": "training"})  # outside a run: refused, not a stray run
     assert len(mlflow.search_runs([experiment], output_format="list")) == 2
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metaflowlib.errors import DataError, MetaflowError
+from metaflowlib.errors import DataError
 
 
 def load_split(prepared_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -44,35 +44,6 @@ def load_info(prepared_dir: str | Path) -> dict:
     if not path.is_file():
         raise DataError(f"{path} not found: run the prepare stage (`dvc repro prepare`)")
     return json.loads(path.read_text())
-
-
-def log_splits(prepared_dir: str | Path, splits: dict[str, str]) -> None:
-    """Log prepared splits (split -> context, e.g. {"train": "training", "val": "validation"}) as the active run's
-    dataset inputs, so the runs table's Dataset column shows what a run used and `dataset.digest = '<d>'` finds
-    every run that used the same bytes. Each is named `<dataset>/<split>` (info.json's dataset), with the split's
-    content digest (`split_digest`) and its folder as source. The rows stay on disk: MLflow's own digest and
-    schema inference would convert 10,000 of them, and both fail on the image arrays. Logging a split again to
-    the same run adds nothing.
-    """
-    import datasets
-    import mlflow
-    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
-    from mlflow.types import ColSpec, DataType, Schema
-    from mlflow.types.schema import Array
-
-    if mlflow.active_run() is None:  # mlflow.log_input would start a stray run of its own
-        raise MetaflowError("log_splits logs into the active MLflow run, and none is active")
-    name = load_info(prepared_dir)["dataset"]
-    for split, context in splits.items():
-        path = Path(prepared_dir) / split
-        digest = split_digest(prepared_dir, split)
-        source = get_dataset_source_from_json(json.dumps({"uri": path.resolve().as_uri()}), source_type="local")
-        dataset = mlflow.data.from_huggingface(datasets.load_from_disk(str(path)), targets="label",
-                                               name=f"{name}/{split}", digest=digest, source=source)
-        # the columns prepare.save_splits writes; set here because MLflow 3.17 cannot infer a type for image arrays
-        dataset.schema = Schema([ColSpec(Array(Array(DataType.integer)), "image"), ColSpec(DataType.integer, "label"),
-                                 ColSpec(DataType.string, "class_name")])
-        mlflow.log_input(dataset, context=context)
 
 
 def load_pool(prepared_dir: str | Path, split: str, image_size: int, device):
