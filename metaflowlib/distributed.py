@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,16 @@ def torchrun_command(script: str | Path, args: Sequence[str], nproc_per_node: in
     """argv running `script args` on nproc_per_node local processes; --standalone picks a free port."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
             str(script), *args]
+
+
+def relaunch(script: str | Path, args: Sequence[str], nproc_per_node: int, tasks_per_step: int, name: str) -> NoReturn:
+    """Become torchrun running `script args` on nproc_per_node processes: the same process, so the signals DVC or a
+    user sends reach torchrun, which forwards them to every rank. An uneven meta-batch is refused once, up front."""
+    shard_tasks(tasks_per_step, nproc_per_node, name)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    command = torchrun_command(Path(script).resolve(), args, nproc_per_node)
+    os.execv(command[0], command)
 
 
 def shard_tasks(tasks_per_step: int, world_size: int, name: str = "tasks_per_step") -> int:

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -229,6 +230,20 @@ def log_splits(prepared_dir: str | Path, splits: dict[str, str]) -> None:
         dataset.schema = Schema([ColSpec(Array(Array(DataType.integer)), "image"), ColSpec(DataType.integer, "label"),
                                  ColSpec(DataType.string, "class_name")])
         mlflow.log_input(dataset, context=context)
+
+
+def note_capped(done: int, budget: Any, stage: str) -> bool:
+    """Whether the budget's seconds cap stopped the run before its count (`budget`: a params budget); if so the run
+    is tagged `budget_capped` and a warning says that the result depends on this machine's speed."""
+    import mlflow
+
+    capped = budget.seconds is not None and done < budget.count
+    if capped:
+        said = f"{done} of {budget.count} {budget.unit} in the {budget.seconds:g}s cap"
+        mlflow.set_tag("budget_capped", said)
+        print(f"warning: {stage} stopped at {said}; the result depends on this machine's speed (MLflow tag budget_capped)",
+              file=sys.stderr, flush=True)
+    return capped
 
 
 class MetricLogger:

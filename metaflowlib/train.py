@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from metaflowlib.episodes import EpisodeSampler
+from metaflowlib.episodes import EpisodeSampler, TaskPool, fixed_episodes
 from metaflowlib.errors import DivergenceError
+from metaflowlib.evaluate import embed_pool, evaluate_setting
 from metaflowlib.loop import LogFn, Loop, Replicas, restore_rng_states, rng_states
 from metaflowlib.methods import MetaLearner
 from metaflowlib.methods.base import StepStats
@@ -123,7 +124,8 @@ class MetaTrainer:
     def history(self) -> list[dict[str, float]]:
         return [] if self.loop is None else self.loop.history
 
-    def run(self) -> TrainResult:
+    def run(self, log: LogFn | None = None) -> TrainResult:
+        """Train until the budget is spent (or resume and finish); `log` replaces the constructor's callback."""
         if self.distributed is not None:  # every rank starts from rank 0's omega (a checkpoint, if any, replaces it)
             self.distributed.broadcast_module(self.method)
         self.loop = Loop(
@@ -132,7 +134,7 @@ class MetaTrainer:
                    "sampler": SamplerState(self.sampler, self.distributed)},
             validate=self._validate, val_every=self.val_every, keep=self.method,
             on_validation=self._diagnose if self.diagnose is not None else None,
-            checkpoint_dir=self.checkpoint_dir, checkpoint_every=self.checkpoint_every, log=self.log,
+            checkpoint_dir=self.checkpoint_dir, checkpoint_every=self.checkpoint_every, log=log or self.log,
             log_every=self.log_every, progress=self.progress, show=("train_loss", "val_accuracy"), unit="episode",
             device=self.device, distributed=self.distributed,
         )
@@ -185,6 +187,31 @@ class SamplerState:
     def load_state_dict(self, state: torch.Tensor) -> None:
         # clone: Generator.set_state on a row view at a non-zero storage offset segfaults (torch 2.13)
         self.sampler.load_state(state if self.distributed is None else state[self.distributed.rank].clone())
+
+
+def validation_accuracy(pool: TaskPool, *, ways: int, shots: int, queries: int, tasks: int, seed: int, batch_tasks: int,
+                        dtype: torch.dtype | None) -> Callable[[MetaLearner], float]:
+    """omega -> accuracy on the same fixed validation tasks at every validation (a fixed N-way head on N-way tasks);
+    a frozen feature map's validation features are computed once."""
+    cached: dict[str, TaskPool] = {}
+
+    def validate(method: MetaLearner) -> float:
+        method.eval()
+        features = None
+        if method.per_example_features:
+            if not method.frozen_features or "features" not in cached:
+                cached["features"] = embed_pool(method, pool, dtype)
+            features = cached["features"]
+        return evaluate_setting(method, pool, features, method.fixed_ways or ways, shots, queries, tasks, seed,
+                                batch_tasks, dtype).accuracy
+
+    return validate
+
+
+def diagnostics_on(pool: TaskPool, ways: int, shots: int, queries: int, seed: int) -> Callable[[MetaLearner], dict[str, float]]:
+    """omega -> the method's `diagnostics` on 8 fixed tasks of its own training shape."""
+    episode = pool.gather(fixed_episodes(pool, 8, ways, shots, queries, seed))
+    return lambda method: method.diagnostics(episode)
 
 
 def gradients_finite(module: torch.nn.Module) -> bool:

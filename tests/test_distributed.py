@@ -26,6 +26,7 @@ import torch.multiprocessing as mp
 import yaml
 from conftest import ROOT, class_images, load_stage
 
+import metaflowlib.distributed as distributed_module
 from metaflowlib.distributed import (
     init_from_env,
     launched,
@@ -196,7 +197,7 @@ def test_train_stage_reexecutes_itself_under_torchrun(monkeypatch):
         calls.append(argv)
         raise SystemExit(0)
 
-    monkeypatch.setattr(stage.os, "execv", execv)
+    monkeypatch.setattr(distributed_module.os, "execv", execv)  # distributed.relaunch becomes torchrun
     monkeypatch.setattr(stage, "method_key", lambda: "maml")
     monkeypatch.setattr(stage, "params", lambda: launcher_params(3))
     with pytest.raises(ConfigError, match=r"methods\.maml\.tasks_per_step = 3"):

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import class_images, load_stage
+from conftest import class_images
 
 from metaflowlib.artifacts import load_meta_knowledge, save_meta_knowledge
 from metaflowlib.config import Params, parse_params
@@ -61,7 +61,7 @@ from metaflowlib.learned_optimizer.meta_train import meta_train_optimizer
 from metaflowlib.learned_optimizer.suites import build_pools, meta_training_distribution
 from metaflowlib.pretrain import pretrain_feature_map
 from metaflowlib.runtime import resolve_device, resolve_precision, seed_everything
-from metaflowlib.train import MetaTrainer, build_meta_optimizer
+from metaflowlib.train import MetaTrainer, build_meta_optimizer, diagnostics_on, validation_accuracy
 from metaflowlib.tta.classifier import (
     build_classifier,
     save_classifier,
@@ -112,9 +112,9 @@ def omniglot_like(split: str) -> TaskPool:
 
 def meta_train(key: str, out: Path) -> Path:
     """pipelines/train.py `train`: seed, build omega (loading the pretrain@ feature map), sampler, outer
-    optimizer, MetaTrainer with the stage's validator and diagnoser; best omega saved."""
+    optimizer, MetaTrainer with the stage's validation and diagnostics; best omega saved."""
     p = params()
-    mp, stage = method_spec(p, key), load_stage("train")
+    mp, v = method_spec(p, key), p.train.validation
     budget = mp.budget_in(p.profile)
     pretrained = pretrain(key, out) if mp.pretrain_in(p.profile) else None  # the pretrain@ stage runs first
     device = resolve_device(p.device)
@@ -134,10 +134,12 @@ def meta_train(key: str, out: Path) -> Path:
     optimizer, scheduler = build_meta_optimizer(method, **mp.meta_optimizer.model_dump(exclude={"grad_clip"}),
                                                 total_steps=budget.episodes)
     MetaTrainer(
-        method, sampler, optimizer, scheduler, validate=stage.validator(val_pool, p, dtype),
+        method, sampler, optimizer, scheduler,
+        validate=validation_accuracy(val_pool, ways=v.ways, shots=v.shots, queries=v.queries, tasks=v.episodes, seed=p.seed + 1,
+                                     batch_tasks=p.evaluate.batch_tasks, dtype=dtype),
         val_every=mp.val_every or p.train.val_every, max_episodes=budget.episodes, max_seconds=budget.seconds,
         checkpoint_dir=out / "checkpoints" / key / "state", checkpoint_every=p.train.checkpoint_every, precision=dtype,
-        grad_clip=mp.meta_optimizer.grad_clip, progress="off", diagnose=stage.diagnoser(val_pool, mp, p.seed + 2),
+        grad_clip=mp.meta_optimizer.grad_clip, progress="off", diagnose=diagnostics_on(val_pool, mp.ways, mp.shots, mp.queries, p.seed + 2),
     ).run()
     return save_meta_knowledge(method, out / "models" / key) / WEIGHTS_FILE
 

@@ -39,6 +39,11 @@ def split_digest(prepared_dir: str | Path, split: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def info_digest(prepared_dir: str | Path) -> str:
+    """First 16 hex digits of the SHA-256 of the prepared data's info.json (dataset, source, size, split counts)."""
+    return hashlib.sha256(json.dumps(load_info(prepared_dir), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def load_info(prepared_dir: str | Path) -> dict:
     path = Path(prepared_dir) / "info.json"
     if not path.is_file():
