@@ -13,8 +13,6 @@ rerun keeps the earlier evaluation runs, tagged `superseded_by=<new run>`.
 
 from __future__ import annotations
 
-import csv
-
 from _stage import PREPARED, ROOT, declared, method_key, params, run_guarded
 
 from metaflowlib import tracking
@@ -22,7 +20,7 @@ from metaflowlib.artifacts import load_meta_knowledge
 from metaflowlib.data.store import load_pool
 from metaflowlib.evaluate import evaluate_protocol
 from metaflowlib.evaluation_log import INHERITED_TAGS, flat_metrics, log_evaluation
-from metaflowlib.io import atomic_path, read_json, write_json
+from metaflowlib.io import read_json, write_csv, write_json
 from metaflowlib.runtime import resolve_device, resolve_precision, seed_everything
 
 
@@ -59,11 +57,9 @@ def main() -> None:
 
     eval_json = declared("evaluate", "metrics/*/eval.json", key=key)
     write_json(ROOT / eval_json, {**metrics, "episodes": e.episodes, "episodes_digest": digests})
-    with atomic_path(ROOT / declared("evaluate", "metrics/*/shots_curve.csv", key=key)) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["shots", "accuracy", "ci95"])
-        for shots, result in report["shots_curve"].items():
-            writer.writerow([shots, result["accuracy"], result["ci95"]])
+    write_csv(ROOT / declared("evaluate", "metrics/*/shots_curve.csv", key=key),
+              ({"shots": shots, "accuracy": r["accuracy"], "ci95": r["ci95"]} for shots, r in report["shots_curve"].items()),
+              ["shots", "accuracy", "ci95"])
     write_json(ROOT / declared("evaluate", "runs/*/evaluate.json", key=key), {"run_id": run.info.run_id, "evaluated_run_id": train["run_id"],
                                                        "child_runs": children, "superseded": superseded,
                                                        "episodes_digest": digests, "skipped_settings": report["skipped_settings"]})

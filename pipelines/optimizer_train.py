@@ -10,32 +10,25 @@ An interrupted run resumes from checkpoints/learned_optimizer/ into the same MLf
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from pathlib import Path
 
-from _stage import PREPARED, ROOT, Checkpoints, params, run_guarded
+from _stage import PREPARED, ROOT, Checkpoints, declared, params, run_guarded
 
 from metaflowlib import registry, tracking
 from metaflowlib.config import Params
 from metaflowlib.config.learned_optimizer import LearnedOptimizerParams
-from metaflowlib.errors import DivergenceError, Interrupted
-from metaflowlib.io import atomic_path, write_json
-from metaflowlib.learned_optimizer.benchmark import run_trajectory
+from metaflowlib.errors import DivergenceError
+from metaflowlib.io import write_csv, write_json
+from metaflowlib.learned_optimizer.benchmark import validation_loss_drop
 from metaflowlib.learned_optimizer.learned import LSTMOptimizerNet, save_optimizer
 from metaflowlib.learned_optimizer.meta_train import meta_train_optimizer
-from metaflowlib.learned_optimizer.suites import (
-    load_pools,
-    meta_training_distribution,
-    validation_tasks,
-)
+from metaflowlib.learned_optimizer.suites import load_pools, meta_training_distribution
 from metaflowlib.learned_optimizer.tasks import ImagePool
 from metaflowlib.runtime import resolve_device, seed_everything
 
-MODEL_DIR = Path("models") / "learned_optimizer"
-RUN_FILE = Path("runs") / "learned_optimizer" / "train.json"
-CURVE_FILE = Path("metrics") / "learned_optimizer" / "meta_curve.csv"
+MODEL_DIR, RUN_FILE, CURVE_FILE = (declared("optimizer_train", pattern) for pattern in ("models/*", "runs/*", "metrics/*.csv"))
 GATE_METRIC = "val_loss_drop"  # mean 1 - final / initial training loss on the validation tasks: higher is better
 LOG_EVERY = 20  # meta-steps per progress line and per batch of MLflow metrics (their means)
 CHECKPOINT_EVERY = 100  # meta-steps between checkpoints: a few seconds of work at the params' sizes
@@ -52,79 +45,51 @@ def protocol(p: Params) -> str:
     return f"{p.data.name}+fashion-mnist/h{op.meta_train.horizon}/{digest}"
 
 
-def meta_train(p: Params, net: LSTMOptimizerNet, pools: dict[str, ImagePool], device, log,
-               checkpoint_dir: Path | None) -> tuple[list[dict], float]:
-    """Truncated BPTT until the profile's budget (meta-steps and/or seconds) is spent; returns the history
-    (one row per meta-step, counted from 0 as the curve always was) and the seconds."""
-    mt = p.optimizer.meta_train
-    budget = getattr(mt.budget, p.profile)
-    result = meta_train_optimizer(net, meta_training_distribution(p.optimizer, pools, device), steps=budget.steps,
-                                  max_seconds=budget.seconds, unroll=mt.unroll, horizon=mt.horizon, lr=mt.lr,
-                                  seed=p.optimizer.seed, divergence_factor=mt.divergence_factor, log=log,
-                                  log_every=LOG_EVERY, checkpoint_dir=checkpoint_dir, checkpoint_every=CHECKPOINT_EVERY,
-                                  progress=True)
-    return [{**row, "step": row["step"] - 1} for row in result.history], result.seconds
-
-
-def validate(p: Params, net: LSTMOptimizerNet, pools: dict[str, ImagePool], device) -> float:
-    """The gate metric on the validation tasks; a divergence there refuses the optimizer like one in meta-training."""
-    mt = p.optimizer.meta_train
-    drops = []
-    for task in validation_tasks(p.optimizer, pools, device):
-        run = run_trajectory(task, net, mt.horizon, record_every=mt.horizon, divergence_factor=mt.divergence_factor)
-        if run.diverged_at is not None:
-            raise DivergenceError(f"the meta-trained optimizer diverged on validation task {task.name} at optimizee "
-                                  f"step {run.diverged_at} (loss not finite or above {mt.divergence_factor:g} x initial)")
-        drops.append(1 - run.train_loss[-1] / run.train_loss[0])
-    return sum(drops) / len(drops)
-
-
 def train_and_register(p: Params, root: Path, pools: dict[str, ImagePool]) -> dict:
     """Meta-train, validate, save, log and register; returns what runs/learned_optimizer/train.json records."""
     import mlflow
 
     from metaflowlib.serving.learned_optimizer import log_optimizer_model
 
-    op = p.optimizer
+    op, mt = p.optimizer, p.optimizer.meta_train
+    budget = mt.budget.of(p.profile)
     device = resolve_device(p.device)
     seed_everything(op.seed)
     net = LSTMOptimizerNet(**op.net.model_dump()).to(device)
     checkpoints = Checkpoints.of(root, "learned_optimizer", {"optimizer": op.model_dump(mode="json"), "profile": p.profile,
                                                               "data": p.data.model_dump(mode="json")})
     run_id = checkpoints.resume_run_id()
-    tracking.configure(p.mlflow.tracking_uri)
-    tags = {"stage": "optimizer_train", "method": "learned_optimizer", "profile": p.profile, "dataset": p.data.name,
-            **tracking.system_tags(device)}
-    with tracking.start_run(p.experiment, p.mlflow.artifact_location, run_name="optimizer_train", tags=tags,
-                            run_id=run_id) as run:
-        if run_id is None:
-            mlflow.log_params(tracking.flatten_params({"optimizer": op.model_dump(mode="json"), "profile": p.profile}))
+    with tracking.stage_run(p, "optimizer_train", "optimizer_train", tags={"method": "learned_optimizer", "profile": p.profile,
+                            "dataset": p.data.name}, params={"optimizer": op.model_dump(mode="json"), "profile": p.profile},
+                            device=device, run_id=run_id) as run:
         checkpoints.started(run.info.run_id)
-        try:
-            history, seconds = meta_train(p, net, pools, device, tracking.MetricLogger(run.info.run_id), checkpoints.state)
-            gate = validate(p, net, pools, device)
+        try:  # truncated BPTT until the budget is spent, then the gate metric on the validation tasks
+            result = meta_train_optimizer(net, meta_training_distribution(op, pools, device), steps=budget.steps,
+                                          max_seconds=budget.seconds, unroll=mt.unroll, horizon=mt.horizon, lr=mt.lr,
+                                          seed=op.seed, divergence_factor=mt.divergence_factor, log=tracking.MetricLogger(run.info.run_id),
+                                          log_every=LOG_EVERY, checkpoint_dir=checkpoints.state, checkpoint_every=CHECKPOINT_EVERY,
+                                          progress=True)
+            gate = validation_loss_drop(op, net, pools, device)
         except DivergenceError as error:
             checkpoints.remove()  # a rerun from the last checkpoint would diverge the same way
             mlflow.set_tag("diverged", "true")
             raise DivergenceError(f"{error}; refusing to save or register a diverged optimizer") from None
-        except Interrupted:
-            mlflow.end_run(status="KILLED")
-            raise
-        costs = {"meta_train_seconds": seconds, "meta_train_steps": len(history),
-                 "optimizee_steps": len(history) * op.meta_train.unroll, GATE_METRIC: gate}
+        history = [{**row, "step": row["step"] - 1} for row in result.history]  # counted from 0, as the curve always was
+        costs = {"meta_train_seconds": result.seconds, "meta_train_steps": len(history),
+                 "optimizee_steps": len(history) * mt.unroll, GATE_METRIC: gate}
         mlflow.log_metrics(costs)
-        directory = save_optimizer(net, root / MODEL_DIR)
-        model_uri = log_optimizer_model(directory)
-        write_curve(root / CURVE_FILE, history)
+        tracking.note_capped(len(history), budget, "optimizer_train")
+        model_uri = log_optimizer_model(save_optimizer(net, root / MODEL_DIR))
+        write_csv(root / CURVE_FILE, history, ["step", "meta_loss", "loss", "task", "optimizee_step"])
         mlflow.log_artifact(str(root / CURVE_FILE), "meta_training")
     name = p.registered_name(op.name)
     version, promoted = registry.register_stage_version(
         model_uri, name,
         {GATE_METRIC: gate, registry.GATE_TAG: GATE_METRIC, "protocol": protocol(p), "kind": "lstm_optimizer",
          "meta_train_steps": len(history), "git_commit": tracking.git_commit()},
-        f"LSTM optimizer meta-trained for {len(history)} meta-steps ({seconds:.0f}s) on {', '.join(op.models)} "
+        f"LSTM optimizer meta-trained for {len(history)} meta-steps ({result.seconds:.0f}s) on {', '.join(op.models)} "
         f"classifiers of Omniglot train classes and Fashion-MNIST classes {list(op.fashion.train_classes)}; "
-        f"validation loss drop at {op.meta_train.horizon} steps {gate:.4f}",
+        f"validation loss drop at {mt.horizon} steps {gate:.4f}",
         "Learned LSTM optimizer (Andrychowicz et al. 2016): predict({'gradients': float [T, N]}) -> updates [T, N]",
         GATE_METRIC, p.registry.promote_first,
     )
@@ -133,14 +98,6 @@ def train_and_register(p: Params, root: Path, pools: dict[str, ImagePool]) -> di
     write_json(root / RUN_FILE, out)
     checkpoints.remove()
     return out
-
-
-def write_curve(path: Path, history: list[dict]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["step", "meta_loss", "loss", "task", "optimizee_step"],
-                                extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
 
 
 def main() -> None:

@@ -16,29 +16,27 @@ from __future__ import annotations
 import json
 
 import torch
-from _stage import PREPARED, ROOT, Checkpoints, method_key, params, run_guarded
+from _stage import PREPARED, ROOT, Checkpoints, declared, method_key, params, run_guarded
 
 from metaflowlib import registry, tracking
 from metaflowlib.artifacts import save_meta_knowledge
-from metaflowlib.data.store import load_pool
-from metaflowlib.errors import Interrupted
-from metaflowlib.evaluate import embed_pool, evaluate_setting
-from metaflowlib.io import WEIGHTS_FILE, atomic_path, sha256_file, write_json
 from metaflowlib.config.methods import method_spec
+from metaflowlib.data.store import load_pool
+from metaflowlib.io import WEIGHTS_FILE, atomic_path, sha256_file, write_json
 from metaflowlib.methods import ProtoNet
 from metaflowlib.models import conv4_output_dim
 from metaflowlib.pretrain import pretrain_feature_map
 from metaflowlib.runtime import resolve_device, resolve_precision, seed_everything
 from metaflowlib.serving.fewshot import log_pyfunc_model
+from metaflowlib.train import validation_accuracy
 
 
 def main() -> None:
     import mlflow
 
     p, key = params(), method_key()
-    mp = method_spec(p, key)
-    out_dir = ROOT / "pretrained" / key
-    record = ROOT / "runs" / key / "pretrain.json"
+    mp, v = method_spec(p, key), p.train.validation
+    out_dir, record = ROOT / declared("pretrain", "pretrained/*", key=key), ROOT / declared("pretrain", "runs/*", key=key)
     if mp.pretrain_in(p.profile) is None:
         with atomic_path(out_dir, is_dir=True) as tmp:
             tmp.mkdir()
@@ -50,51 +48,35 @@ def main() -> None:
     device = resolve_device(p.device)
     dtype = resolve_precision(p.train.precision, device)
     seed_everything(p.seed)
-    method = mp.build(p.data.image_size)
-    config = method.config()
+    config = mp.build(p.data.image_size).config()
     embedding = ProtoNet(in_channels=config["in_channels"], hidden=config["hidden"], distance="cosine").to(device)
     if p.train.channels_last:
         embedding = embedding.to(memory_format=torch.channels_last)
-    train_pool = load_pool(PREPARED, "train", p.data.image_size, device)
-    val_pool = load_pool(PREPARED, "val", p.data.image_size, device)
-    v = p.train.validation
-
-    def validate() -> float:
-        """Nearest-centroid (cosine) accuracy on the fixed validation tasks."""
-        features = embed_pool(embedding, val_pool, dtype)
-        return evaluate_setting(embedding, val_pool, features, v.ways, v.shots, v.queries, v.episodes, p.seed + 1,
-                                p.evaluate.batch_tasks, dtype).accuracy
-
+    train_pool, val_pool = (load_pool(PREPARED, split, p.data.image_size, device) for split in ("train", "val"))
+    nearest_centroid = validation_accuracy(val_pool, ways=v.ways, shots=v.shots, queries=v.queries, tasks=v.episodes,
+                                           seed=p.seed + 1, batch_tasks=p.evaluate.batch_tasks, dtype=dtype)
     checkpoints = Checkpoints.of(ROOT, f"{key}/pretrain", {
         "pretrain": pretrain.model_dump(mode="json"), "budget": budget.model_dump(mode="json"), "config": config,
         "data": p.data.model_dump(mode="json"), "seed": p.seed, "profile": p.profile, "validation": v.model_dump(mode="json"),
         "precision": p.train.precision, "channels_last": p.train.channels_last})
     run_id = checkpoints.resume_run_id()
-    tracking.configure(p.mlflow.tracking_uri)
-    tags = {"method": mp.kind, "method_key": key, "stage": f"pretrain@{key}", "profile": p.profile, "dataset": p.data.name,
-            **tracking.system_tags(device)}
     name = f"{p.registered_name(key)}-embedding"
-    with tracking.start_run(p.experiment, p.mlflow.artifact_location, run_name=f"{key}-pretrain", tags=tags,
-                            run_id=run_id) as run:
-        if run_id is None:
-            mlflow.log_params(tracking.flatten_params({"pretrain": pretrain.model_dump(mode="json"), "seed": p.seed,
-                                                       "profile": p.profile, "budget": budget.model_dump(mode="json")}))
+    logged = {"pretrain": pretrain.model_dump(mode="json"), "seed": p.seed, "profile": p.profile, "budget": budget.model_dump(mode="json")}
+    with tracking.stage_run(p, f"pretrain@{key}", f"{key}-pretrain", tags={"method": mp.kind, "method_key": key, "profile": p.profile,
+                            "dataset": p.data.name}, params=logged, device=device, run_id=run_id) as run:
         tracking.log_splits(PREPARED, {"train": "training", "val": "validation"})  # val picks the best epoch
         checkpoints.started(run.info.run_id)
-        try:
-            result = pretrain_feature_map(
-                embedding.embedding, train_pool, dim=conv4_output_dim(p.data.image_size, config["hidden"]),
-                batch_size=pretrain.batch_size, lr=pretrain.lr, scale=pretrain.scale, max_epochs=budget.epochs,
-                max_seconds=budget.seconds, validate=validate, seed=p.seed, precision=dtype,
-                log=tracking.MetricLogger(run.info.run_id), progress=p.train.progress != "off",
-                checkpoint_dir=checkpoints.state, checkpoint_every=p.train.checkpoint_every,
-            )
-        except Interrupted:
-            mlflow.end_run(status="KILLED")
-            raise
+        result = pretrain_feature_map(
+            embedding.embedding, train_pool, dim=conv4_output_dim(p.data.image_size, config["hidden"]),
+            batch_size=pretrain.batch_size, lr=pretrain.lr, scale=pretrain.scale, max_epochs=budget.epochs,
+            max_seconds=budget.seconds, validate=lambda: nearest_centroid(embedding), seed=p.seed, precision=dtype,
+            log=tracking.MetricLogger(run.info.run_id), progress=p.train.progress != "off",
+            checkpoint_dir=checkpoints.state, checkpoint_every=p.train.checkpoint_every,
+        )
         costs = {"pretrain_seconds": result.seconds, "pretrain_epochs": result.epochs, "pretrain_steps": result.steps,
                  "pretrain_peak_memory_mb": result.peak_memory_mb, "pretrain_best_val_accuracy": result.best_val_accuracy}
         mlflow.log_metrics(costs)
+        tracking.note_capped(result.epochs, budget, f"pretrain@{key}")
         omega_dir = save_meta_knowledge(embedding, out_dir, extra={
             "image_size": p.data.image_size, "method_key": key, "dataset": p.data.name, "run_id": run.info.run_id,
             "role": f"frozen feature map of {key}"})
@@ -114,7 +96,7 @@ def main() -> None:
                         "registered_version": version.version, "weights_sha256": weights_sha256, **costs})
     checkpoints.remove()
     print(f"pretrain@{key}: {result.epochs:.1f} epochs in {result.seconds:.0f}s, val nearest-centroid "
-          f"{100 * result.best_val_accuracy:.2f}%; pretrained/{key}/, registered {name} version {version.version}")
+          f"{100 * result.best_val_accuracy:.2f}%; {out_dir.relative_to(ROOT)}/, registered {name} version {version.version}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ tagged with the model name and version it adapted.
 
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from metaflowlib import tracking
 from metaflowlib.config import Params
 from metaflowlib.config.learned_optimizer import LearnedOptimizerParams
 from metaflowlib.config.tta import TTAParams
-from metaflowlib.io import atomic_path, write_json
+from metaflowlib.io import write_csv, write_json
 from metaflowlib.runtime import resolve_device, seed_everything
 from metaflowlib.serving.classifier import ClassifierModel
 from metaflowlib.serving.log import unwrap_registered
@@ -67,21 +66,14 @@ def run(p: Params, key: str, root: Path) -> dict:
         flat.update({k: v for k, v in metrics.items() if not isinstance(v, dict)})
         mlflow.log_metrics(flat)
     write_json(root / declared("tta", "metrics/*.json", key=key), metrics)
-    write_curve(root / declared("tta", "metrics/*.csv", key=key), metrics)
+    write_csv(root / declared("tta", "metrics/*.csv", key=key),  # mean error per severity, 0 being the clean images
+              [{"severity": 0, "mean_error": metrics["error_clean"]}, *({"severity": int(s), "mean_error": e} for s, e in metrics["mean_error"].items())],
+              ["severity", "mean_error"])
     write_json(root / declared("tta", "runs/*", key=key), {"run_id": mlflow_run.info.run_id, "experiment_id": mlflow_run.info.experiment_id,
                                             "strategy": strategy.model_dump(mode="json"), "name": reference["name"],
                                             "version": reference["version"], "model_run_id": reference["run_id"],
                                             "model_uri": reference["uri"], "memory_kind": result.memory_kind})
     return metrics
-
-
-def write_curve(path: Path, metrics: dict) -> None:
-    """Mean error per severity, severity 0 being the clean images."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["severity", "mean_error"])
-        writer.writerow([0, metrics["error_clean"]])
-        writer.writerows([int(s), e] for s, e in metrics["mean_error"].items())
 
 
 def main() -> None:

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _stage import ROOT, Checkpoints, params, run_guarded
+from _stage import ROOT, Checkpoints, declared, params, run_guarded
 
 from metaflowlib import registry, tracking
 from metaflowlib.config import Params
 from metaflowlib.config.tta import TTAParams
 from metaflowlib.data.fashion_mnist import CLASSES, load_fashion_mnist
-from metaflowlib.errors import Interrupted
 from metaflowlib.io import read_json, write_json
 from metaflowlib.runtime import resolve_device, resolve_precision, seed_everything
 from metaflowlib.serving.classifier import log_classifier_model
@@ -33,9 +32,7 @@ from metaflowlib.tta.classifier import (
     train_classifier,
 )
 
-MODELS = Path("models") / "tta"
-RUNS_FILE = Path("runs") / "tta" / "source.json"
-CLEAN_METRICS = Path("metrics") / "tta" / "clean.json"
+MODELS, RUNS_FILE, CLEAN_METRICS = (declared("tta_source", pattern) for pattern in ("models/*", "runs/*", "metrics/*"))
 GATE_METRIC = "acc_clean"  # registry tag: a new version must beat production's clean test accuracy
 CHECKPOINT_EVERY = 200  # minibatches between checkpoints: about an epoch of 60000 images at the params' batch size
 IMAGE_SIZE = 28
@@ -57,7 +54,6 @@ def train_and_register(p: Params, root: Path) -> dict:
     if t.train_images is not None:
         keep = np.random.default_rng(p.tta.seed).permutation(len(labels))[: t.train_images]
         images, labels = images[keep], labels[keep]
-    tracking.configure(p.mlflow.tracking_uri)
     out, trained = {}, []
     for kind in KINDS:
         checkpoints = Checkpoints.of(root, f"tta_source/{kind}", {
@@ -74,21 +70,14 @@ def train_and_register(p: Params, root: Path) -> dict:
         model = build_classifier(kind, **config).to(device)
         if p.tta.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        tags = {"stage": "tta_source", "kind": kind, "dataset": "fashion-mnist", **tracking.system_tags(device)}
-        with tracking.start_run(p.tta.experiment, p.mlflow.artifact_location, run_name=f"tta_source@{kind}", tags=tags,
-                                run_id=run_id) as run:
-            if run_id is None:
-                mlflow.log_params(tracking.flatten_params({"training": t.model_dump(mode="json"), "kind": kind,
-                                                            "seed": p.tta.seed, "train_images": len(labels)}))
+        logged = {"training": t.model_dump(mode="json"), "kind": kind, "seed": p.tta.seed, "train_images": len(labels)}
+        with tracking.stage_run(p, "tta_source", f"tta_source@{kind}", tags={"kind": kind, "dataset": "fashion-mnist"},
+                                params=logged, device=device, experiment=p.tta.experiment, run_id=run_id) as run:
             checkpoints.started(run.info.run_id)
-            try:
-                result = train_classifier(model, kind, images, labels, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
-                                          seed=p.tta.seed, device=device, dtype=dtype, channels_last=p.tta.channels_last,
-                                          log=tracking.MetricLogger(run.info.run_id), checkpoint_dir=checkpoints.state,
-                                          checkpoint_every=CHECKPOINT_EVERY, progress=True)
-            except Interrupted:
-                mlflow.end_run(status="KILLED")
-                raise
+            result = train_classifier(model, kind, images, labels, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
+                                      seed=p.tta.seed, device=device, dtype=dtype, channels_last=p.tta.channels_last,
+                                      log=tracking.MetricLogger(run.info.run_id), checkpoint_dir=checkpoints.state,
+                                      checkpoint_every=CHECKPOINT_EVERY, progress=True)
             clean = accuracy(model, data["test"].images, data["test"].labels, device)
             costs = {GATE_METRIC: clean, "train_seconds": result.seconds, "train_steps": result.steps}
             mlflow.log_metrics(costs)

@@ -52,7 +52,7 @@ from metaflowlib.config.methods import method_spec
 from metaflowlib.data.fashion_mnist import CLASSES
 from metaflowlib.data.preprocess import to_model_input
 from metaflowlib.episodes import EpisodeSampler, TaskPool
-from metaflowlib.evaluate import embed_pool, evaluate_setting
+from metaflowlib.evaluate import embed_pool
 from metaflowlib.io import WEIGHTS_FILE, sha256_file
 from metaflowlib.methods import ProtoNet
 from metaflowlib.models import conv4_output_dim
@@ -159,15 +159,12 @@ def pretrain(key: str, out: Path) -> Path:
     train_pool, val_pool = omniglot_like("train"), omniglot_like("val")
     v = p.train.validation
 
-    def validate() -> float:
-        features = embed_pool(embedding, val_pool, dtype)
-        return evaluate_setting(embedding, val_pool, features, v.ways, v.shots, v.queries, v.episodes, p.seed + 1,
-                                p.evaluate.batch_tasks, dtype).accuracy
-
+    nearest_centroid = validation_accuracy(val_pool, ways=v.ways, shots=v.shots, queries=v.queries, tasks=v.episodes,
+                                           seed=p.seed + 1, batch_tasks=p.evaluate.batch_tasks, dtype=dtype)
     pretrain_feature_map(
         embedding.embedding, train_pool, dim=conv4_output_dim(p.data.image_size, config["hidden"]),
         batch_size=pp.batch_size, lr=pp.lr, scale=pp.scale, max_epochs=budget.epochs, max_seconds=budget.seconds,
-        validate=validate, seed=p.seed, precision=dtype, progress=False,
+        validate=lambda: nearest_centroid(embedding), seed=p.seed, precision=dtype, progress=False,
     )
     return save_meta_knowledge(embedding, out / "pretrained" / key) / WEIGHTS_FILE
 

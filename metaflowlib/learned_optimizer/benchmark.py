@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from metaflowlib.errors import DivergenceError
-from metaflowlib.learned_optimizer.suites import evaluation_suites, tuning_tasks
+from metaflowlib.learned_optimizer.suites import evaluation_suites, tuning_tasks, validation_tasks
 from metaflowlib.learned_optimizer.tasks import ClassifierTask, ImagePool
 from metaflowlib.methods.inner_optimizers import SGD, Adam, InnerOptimizer
 
@@ -176,6 +176,20 @@ def evaluate_against_baselines(op: Any, learned: InnerOptimizer, pools: dict[str
     return report | {"horizon": horizon, "multiples": sorted(e.horizons), "tasks_per_suite": e.tasks,
                      "lr": {"adam_default": ADAM_DEFAULT_LR, "adam_tuned": adam_lr, "sgd_momentum": sgd_lr}, "momentum": e.momentum,
                      "tuning": {"tasks": len(tuning), "adam": keyed(adam_scores), "sgd_momentum": keyed(sgd_scores)}}
+
+
+def validation_loss_drop(op: Any, net: InnerOptimizer, pools: dict[str, ImagePool], device: torch.device) -> float:
+    """Mean 1 - final / initial training loss after the meta-training horizon on the validation tasks (the registry's
+    gate metric: higher is better); a divergence there refuses the optimizer like one in meta-training."""
+    mt = op.meta_train
+    drops = []
+    for task in validation_tasks(op, pools, device):
+        run = run_trajectory(task, net, mt.horizon, record_every=mt.horizon, divergence_factor=mt.divergence_factor)
+        if run.diverged_at is not None:
+            raise DivergenceError(f"the meta-trained optimizer diverged on validation task {task.name} at optimizee "
+                                  f"step {run.diverged_at} (loss not finite or above {mt.divergence_factor:g} x initial)")
+        drops.append(1 - run.train_loss[-1] / run.train_loss[0])
+    return sum(drops) / len(drops)
 
 
 def _fmt(value: float | None) -> str:

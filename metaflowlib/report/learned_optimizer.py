@@ -5,11 +5,10 @@ Every number comes from `benchmark.evaluation_report`; nothing here computes a r
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
-from metaflowlib.io import atomic_path
+from metaflowlib.io import write_csv
 from metaflowlib.report.render import pyplot, save_png, table_row
 
 CURVE_FIELDS = ["suite", "optimizer", "step", "train_loss_mean", "train_loss_std", "test_accuracy_mean",
@@ -50,13 +49,8 @@ def markdown(report: dict[str, Any], header: list[str], titles: dict[str, str]) 
 
 def write_curves(report: dict[str, Any], path: Path) -> None:
     """Long-format CSV of the mean curves: one row per (suite, optimizer, recorded step)."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CURVE_FIELDS)
-        writer.writeheader()
-        for suite, by_optimizer in report["suites"].items():
-            for name, summary in by_optimizer.items():
-                for point in summary["curve"]:
-                    writer.writerow({"suite": suite, "optimizer": name, **point})
+    write_csv(path, ({"suite": suite, "optimizer": name, **point} for suite, by_optimizer in report["suites"].items()
+                     for name, summary in by_optimizer.items() for point in summary["curve"]), CURVE_FIELDS)
 
 
 def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
