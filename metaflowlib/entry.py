@@ -46,7 +46,7 @@ def run_guarded(main: Callable[[], None]) -> None:
     being left RUNNING; the training loop installs its own handler to checkpoint first.
     """
     quiet_environment()
-    signal.signal(signal.SIGTERM, _terminated)
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         with heartbeat(_name()):
             main()
@@ -56,6 +56,8 @@ def run_guarded(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    finally:  # a command run in-process (tests, a notebook) leaves the caller's handler as it was
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _name() -> str:

@@ -173,12 +173,24 @@ def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike) -> None
         (tmp / "state.json").write_text(json.dumps(skeleton))
 
 
+def _recovered(directory: Path) -> bool:
+    """Put back a checkpoint that a kill between `atomic_path`'s two renames left beside `directory`: the previous one
+    was moved aside, so the new one was complete (it is taken; the previous one if the new is gone)."""
+    for leftover in sorted(directory.parent.glob(f".{directory.name}.*")):
+        if (leftover / ".previous").is_dir():
+            newest = leftover / directory.name if (leftover / directory.name / "state.json").is_file() else leftover / ".previous"
+            os.replace(newest, directory)
+            shutil.rmtree(leftover, ignore_errors=True)
+            return True
+    return False
+
+
 def load_checkpoint(directory: str | os.PathLike) -> dict[str, Any] | None:
     """The saved state, or None when no checkpoint exists; a damaged one is a DataError, never unpickled."""
     from metaflowlib.errors import DataError
 
     directory = Path(directory)
-    if not (directory / "state.json").is_file():
+    if not (directory / "state.json").is_file() and not _recovered(directory):
         return None
     tensors = load_tensors(directory / "state.safetensors")
     try:

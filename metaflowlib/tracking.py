@@ -239,10 +239,9 @@ def note_capped(done: int, budget: Any, stage: str) -> bool:
 
     capped = budget.seconds is not None and done < budget.count
     if capped:
-        said = f"{done} of {budget.count} {budget.unit} in the {budget.seconds:g}s cap"
-        mlflow.set_tag("budget_capped", said)
-        print(f"warning: {stage} stopped at {said}; the result depends on this machine's speed (MLflow tag budget_capped)",
-              file=sys.stderr, flush=True)
+        mlflow.set_tag("budget_capped", f"{done:g} of {budget.count} {budget.unit} in the {budget.seconds:g}s cap")
+        print(f"warning: {stage} hit its {budget.seconds:g}s cap after {done:g} of {budget.count} {budget.unit}; the result "
+              "depends on this machine's speed (MLflow tag budget_capped)", file=sys.stderr, flush=True)
     return capped
 
 

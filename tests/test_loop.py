@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import time
 
@@ -215,3 +216,19 @@ def test_minibatches_cover_each_epoch_once_and_resume_mid_epoch():
     again = Minibatches(7, 3, torch.Generator().manual_seed(99))
     again.load_state_dict(saved)
     assert all(torch.equal(a, b) for a, b in zip(rest, [again.next() for _ in range(4)]))
+
+
+@pytest.mark.parametrize("new_one_written", [True, False])
+def test_a_kill_between_the_checkpoint_renames_loses_nothing(tmp_path, new_one_written) -> None:
+    """`save_checkpoint` replaces a directory in two renames (the old one aside, the new one in); a SIGKILL between
+    them leaves no `state/` but both beside it. Loading takes the new one back (or the old one if the new is gone)."""
+    state = tmp_path / "state"
+    save_checkpoint({"step": 1, "w": torch.ones(2)}, state)
+    staging = tmp_path / ".state.abc123"
+    save_checkpoint({"step": 2, "w": torch.full((2,), 2.0)}, staging / "state")
+    os.replace(state, staging / ".previous")  # the first rename happened, the kill came before the second
+    if not new_one_written:
+        shutil.rmtree(staging / "state")
+    loaded = load_checkpoint(state)
+    assert loaded["step"] == (2 if new_one_written else 1) and torch.equal(loaded["w"], torch.full((2,), 2.0 if new_one_written else 1.0))
+    assert not staging.exists() and (state / "state.json").is_file()
