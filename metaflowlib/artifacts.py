@@ -14,15 +14,7 @@ from typing import Any
 import torch
 
 from metaflowlib import __version__
-from metaflowlib.errors import DataError
-from metaflowlib.io import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    load_checkpoint,
-    read_tensor_dir,
-    save_checkpoint,
-    write_tensor_dir,
-)
+from metaflowlib.io import load_built, load_checkpoint, save_checkpoint, write_tensor_dir
 from metaflowlib.methods import METHODS, MetaLearner, build_method
 
 __all__ = ["load_checkpoint", "load_meta_knowledge", "save_checkpoint", "save_meta_knowledge"]
@@ -36,14 +28,5 @@ def save_meta_knowledge(method: MetaLearner, directory: str | Path, extra: dict[
 
 def load_meta_knowledge(directory: str | Path, device: str | torch.device = "cpu") -> tuple[MetaLearner, dict[str, Any]]:
     """Rebuild omega from its directory: (method in eval mode, its config.json)."""
-    directory = Path(directory)
-    config, state = read_tensor_dir(directory)
-    if config.get("kind") not in METHODS or not isinstance(config.get("config"), dict):
-        raise DataError(f"{directory / CONFIG_FILE}: 'kind' must be one of {sorted(METHODS)} with a 'config' object")
-    method = build_method(config["kind"], **{**METHODS[config["kind"]].legacy_defaults, **config["config"]})
-    expected = set(method.state_dict())
-    if set(state) != expected:
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise DataError(f"{directory / WEIGHTS_FILE} does not match its config: missing {missing}, unexpected {unexpected}")
-    method.load_state_dict(state)
-    return method.to(device).eval(), config
+    return load_built(directory, METHODS, lambda kind, config: build_method(kind, **{**METHODS[kind].legacy_defaults, **config}),
+                      device)

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,26 @@ def read_tensor_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
     if not isinstance(config, dict):
         raise DataError(f"{path} must hold a JSON object")
     return config, load_tensors(directory / WEIGHTS_FILE)
+
+
+def load_built(directory: str | os.PathLike, kinds: Iterable[str], build: Callable[[str, dict[str, Any]], Any],
+               device: Any = "cpu") -> tuple[Any, dict[str, Any]]:
+    """(module in eval mode on `device`, its config.json) from a tensor directory whose config names one of `kinds`
+    and `build(kind, config)` rebuilds; weights that do not match the rebuilt module are refused."""
+    from metaflowlib.errors import DataError
+
+    directory = Path(directory)
+    config, state = read_tensor_dir(directory)
+    kinds = sorted(kinds)
+    if config.get("kind") not in kinds or not isinstance(config.get("config"), dict):
+        raise DataError(f"{directory / CONFIG_FILE}: 'kind' must be one of {kinds} with a 'config' object")
+    module = build(config["kind"], config["config"])
+    expected = set(module.state_dict())
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise DataError(f"{directory / WEIGHTS_FILE} does not match its config: missing {missing}, unexpected {unexpected}")
+    module.load_state_dict(state)
+    return module.to(device).eval(), config
 
 
 def _flatten(obj: Any, tensors: dict[str, Any], path: str) -> Any:

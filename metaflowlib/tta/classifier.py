@@ -21,12 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaflowlib.tta.strategies import TTTModel, joint_loss
-from metaflowlib.errors import DataError
-from metaflowlib.io import CONFIG_FILE, WEIGHTS_FILE, read_tensor_dir, write_tensor_dir
+from metaflowlib.io import load_built, write_tensor_dir
 from metaflowlib.loop import LogFn, Loop, Minibatches
 from metaflowlib.models import Conv4, conv4_output_dim
 from metaflowlib.runtime import autocast
+from metaflowlib.tta.strategies import TTTModel, joint_loss
 
 KINDS = ("source", "ttt")
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST train pixel mean/std in [0, 1]
@@ -167,14 +166,4 @@ def save_classifier(model: nn.Module, directory: str | Path, kind: str, config: 
 
 def load_classifier(directory: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """(model in eval mode, its config.json); weights that do not match the config are refused."""
-    directory = Path(directory)
-    config, state = read_tensor_dir(directory)
-    if config.get("kind") not in KINDS or not isinstance(config.get("config"), dict):
-        raise DataError(f"{directory / CONFIG_FILE}: 'kind' must be one of {KINDS} with a 'config' object")
-    model = build_classifier(config["kind"], **config["config"])
-    expected = set(model.state_dict())
-    if set(state) != expected:
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise DataError(f"{directory / WEIGHTS_FILE} does not match its config: missing {missing}, unexpected {unexpected}")
-    model.load_state_dict(state)
-    return model.to(device).eval(), config
+    return load_built(directory, KINDS, lambda kind, config: build_classifier(kind, **config), device)
