@@ -3,7 +3,7 @@
     python bench/maml_family_paired.py --out bench/results/maml_family_paired_cpu.json
 
 Loads `models/<key>` (written by `train@<key>`) for each key, scores every model on the evaluation
-protocol's fixed tasks (`evaluate.seed`, `evaluate.episodes`), and compares each with the reference
+protocol's fixed tasks (`evaluate.seed`, `evaluate.tasks`), and compares each with the reference
 key (MAML) on the same tasks: the mean paired difference with its 95% CI and a two-sided sign test.
 "Not significantly below" means the paired CI's upper end is >= 0.
 """
@@ -49,7 +49,7 @@ def main() -> None:
     torch.set_num_threads(2)
     p = load_params(ROOT / "params.yaml")
     pool = load_pool(ROOT / "data" / "prepared", "test", p.data.image_size, torch.device("cpu"))
-    indices = fixed_episodes(pool, p.evaluate.episodes, 5, 1, p.evaluate.queries, p.evaluate.seed)
+    indices = fixed_episodes(pool, p.evaluate.tasks, 5, 1, p.evaluate.queries, p.evaluate.seed)
     accuracies, rows = {}, {}
     for key in args.keys:
         method, _ = load_meta_knowledge(ROOT / "models" / key)
@@ -64,7 +64,7 @@ def main() -> None:
         rows[key][f"minus_{args.reference}"] = {"mean": mean, "ci95": ci, "sign_test_p": sign_test(difference),
                                                  "significantly_below": mean + ci < 0}
     result = {"device": device_name(torch.device("cpu")), "torch": torch.__version__,
-              "tasks": f"{p.evaluate.episodes} x 5-way 1-shot {p.evaluate.queries}-query, test split",
+              "tasks": f"{p.evaluate.tasks} x 5-way 1-shot {p.evaluate.queries}-query, test split",
               "episodes_digest": indices.digest(), "methods": rows}
     write_json(args.out, result)
     print(json.dumps(rows, indent=1))

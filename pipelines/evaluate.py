@@ -36,7 +36,7 @@ def main() -> None:
     method, _ = load_meta_knowledge(ROOT / declared("evaluate", "models/*", key=key), device)
     pool = load_pool(PREPARED, "test", p.data.image_size, device)
     report = evaluate_protocol(
-        method, pool, p.settings(), episodes=e.episodes, queries=e.queries, seed=e.seed, batch_tasks=e.batch_tasks,
+        method, pool, p.settings(), episodes=e.tasks, queries=e.queries, seed=e.seed, batch_tasks=e.batch_tasks,
         dtype=dtype, shots_curve=e.shots_curve, timing_tasks=e.timing_tasks,
     )
     per_task = report.pop("task_accuracies")
@@ -56,7 +56,7 @@ def main() -> None:
     superseded = tracking.supersede(run.info.run_id, {"stage": f"evaluate@{key}", "evaluated_run_id": train["run_id"]})
 
     eval_json = declared("evaluate", "metrics/*/eval.json", key=key)
-    write_json(ROOT / eval_json, {**metrics, "episodes": e.episodes, "episodes_digest": digests})
+    write_json(ROOT / eval_json, {**metrics, "tasks": e.tasks, "episodes_digest": digests})
     write_csv(ROOT / declared("evaluate", "metrics/*/shots_curve.csv", key=key),
               ({"shots": shots, "accuracy": r["accuracy"], "ci95": r["ci95"]} for shots, r in report["shots_curve"].items()),
               ["shots", "accuracy", "ci95"])
@@ -65,7 +65,7 @@ def main() -> None:
                                                        "episodes_digest": digests, "skipped_settings": report["skipped_settings"]})
     shown = "  ".join(f"{n} {100 * r['accuracy']:.2f}±{100 * r['ci95']:.2f}" for n, r in report["settings"].items())
     skipped = f"; skipped {', '.join(report['skipped_settings'])} (fixed {method.fixed_ways}-way head)" if report["skipped_settings"] else ""
-    print(f"evaluate@{key}: {shown} (%, {e.episodes} tasks each){skipped}; {eval_json}, MLflow run {run.info.run_id} "
+    print(f"evaluate@{key}: {shown} (%, {e.tasks} tasks each){skipped}; {eval_json}, MLflow run {run.info.run_id} "
           f"with {len(children)} nested runs" + (f" ({len(superseded)} earlier runs tagged superseded_by)" if superseded else ""))
 
 

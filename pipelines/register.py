@@ -33,7 +33,7 @@ def main() -> None:
         tags |= {"feature_map_model": train["feature_map"]["registered_name"],
                  "feature_map_version": train["feature_map"]["registered_version"]}
     description = (f"{mp.kind} meta-knowledge (omega) trained on {p.data.name} train classes, profile '{p.profile}', "
-                   f"{train['meta_train_episodes']} episodes. Test ({metrics['episodes']} tasks): {shown}.")
+                   f"{train['meta_train_episodes']} episodes. Test ({metrics['tasks']} tasks): {shown}.")
     model_description = mp.description or f"{mp.kind} on {p.data.name}: predict(support_images, support_labels, query_images) -> labels"
 
     tracking.configure(p.mlflow.tracking_uri)

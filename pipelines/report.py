@@ -75,11 +75,11 @@ def write_report(p: Params, root: Path) -> str:
     device = resolve_device(p.device)
     info = load_info(root / "data" / "prepared")
     v = p.train.validation
-    validation = f"{v.ways}-way {v.shots}-shot, {v.episodes} tasks"
+    validation = f"{v.ways}-way {v.shots}-shot, {v.tasks} tasks"
 
     page = markdown(records, list(p.evaluate.settings), p.profile, f"{p.data.name}, {device_name(device)}",
                     published=p.data.name == "omniglot-vinyals")
-    page += f"\nTest split: {info['splits']['test']['classes']} classes; {p.evaluate.episodes} tasks per setting, seed {p.evaluate.seed}.\n"
+    page += f"\nTest split: {info['splits']['test']['classes']} classes; {p.evaluate.tasks} tasks per setting, seed {p.evaluate.seed}.\n"
     shifted = {key: read_json(path) for key in p.shift.methods if (path := root / "metrics" / "shift" / f"{key}.json").is_file()}
     if shifted:
         page += shift_markdown(shifted)

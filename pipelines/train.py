@@ -62,7 +62,7 @@ def train(p: Params, key: str, group: distributed.Distributed | None) -> None:
                                             "train": p.train.model_dump(mode="json"), "pretrained": pretrained.get("weights_sha256")})
     trainer = MetaTrainer(
         method, sampler, optimizer, scheduler, max_episodes=budget.episodes, max_seconds=budget.seconds, precision=dtype,
-        validate=validation_accuracy(val_pool, ways=v.ways, shots=v.shots, queries=v.queries, tasks=v.episodes, seed=p.seed + 1,
+        validate=validation_accuracy(val_pool, ways=v.ways, shots=v.shots, queries=v.queries, tasks=v.tasks, seed=p.seed + 1,
                                      batch_tasks=p.evaluate.batch_tasks, dtype=dtype),
         val_every=mp.val_every or p.train.val_every, diagnose=diagnostics_on(val_pool, mp.ways, mp.shots, mp.queries, p.seed + 2),
         checkpoint_dir=checkpoints.state, checkpoint_every=p.train.checkpoint_every, grad_clip=mp.meta_optimizer.grad_clip,

@@ -70,7 +70,7 @@ def test_rate_counts_items_per_second_over_timed_blocks_only() -> None:
 def test_time_to_accuracy_respects_the_budget_halves_the_rate_and_scores_fixed_test_tasks(pools_path: Path) -> None:
     config = {"device": "cpu", "case": "time_to_accuracy", "method": "protonet", "seconds": 1.5, "halvings": 2,
               "train": {"ways": 5, "shots": 1, "queries": 5, "tasks": 1}, "precision": "fp32",
-              "validation": {"ways": 5, "shots": 1, "queries": 5, "episodes": 10}, "val_every": 5,
+              "validation": {"ways": 5, "shots": 1, "queries": 5, "tasks": 10}, "val_every": 5,
               "targets": [0.0, 1.01], "test_settings": ["5w1s"]}
     row = cases.run_case(config, pools_path)
     assert row["training_seconds"] >= 1.5 and row["meta_steps"] > 0 and row["curve"]

@@ -70,7 +70,7 @@ def test_missing_or_malformed_file(tmp_path):
 
 
 LEAVES = ["seed", "profile", "device", "data.image_size", "methods.protonet.ways", "methods.protonet.shots",
-          "methods.protonet.meta_optimizer.lr", "train.val_every", "evaluate.episodes", "evaluate.queries"]
+          "methods.protonet.meta_optimizer.lr", "train.val_every", "evaluate.tasks", "evaluate.queries"]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

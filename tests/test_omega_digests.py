@@ -77,7 +77,7 @@ TTA_IMAGE_SIZE = 28  # pipelines/tta_source.py IMAGE_SIZE
 # (and diagnoses) mid-way and at the end, and scores best at the end: the kept omega depends on every step.
 TINY = {
     "device": "cpu",
-    "train": {"val_every": 2, "precision": "fp32", "progress": "off", "validation": {"episodes": 4}},
+    "train": {"val_every": 2, "precision": "fp32", "progress": "off", "validation": {"tasks": 4}},
     "methods": {
         "protonet": {"kind": "protonet", "ways": 20, "budget": {"default": {"episodes": 4}}},  # 60-way: 60 classes
         "maml": {"kind": "maml", "tasks_per_step": 2, "budget": {"default": {"episodes": 4}}},
@@ -135,7 +135,7 @@ def meta_train(key: str, out: Path) -> Path:
                                                 total_steps=budget.episodes)
     MetaTrainer(
         method, sampler, optimizer, scheduler,
-        validate=validation_accuracy(val_pool, ways=v.ways, shots=v.shots, queries=v.queries, tasks=v.episodes, seed=p.seed + 1,
+        validate=validation_accuracy(val_pool, ways=v.ways, shots=v.shots, queries=v.queries, tasks=v.tasks, seed=p.seed + 1,
                                      batch_tasks=p.evaluate.batch_tasks, dtype=dtype),
         val_every=mp.val_every or p.train.val_every, max_episodes=budget.episodes, max_seconds=budget.seconds,
         checkpoint_dir=out / "checkpoints" / key / "state", checkpoint_every=p.train.checkpoint_every, precision=dtype,
@@ -159,7 +159,7 @@ def pretrain(key: str, out: Path) -> Path:
     train_pool, val_pool = omniglot_like("train"), omniglot_like("val")
     v = p.train.validation
 
-    nearest_centroid = validation_accuracy(val_pool, ways=v.ways, shots=v.shots, queries=v.queries, tasks=v.episodes,
+    nearest_centroid = validation_accuracy(val_pool, ways=v.ways, shots=v.shots, queries=v.queries, tasks=v.tasks,
                                            seed=p.seed + 1, batch_tasks=p.evaluate.batch_tasks, dtype=dtype)
     pretrain_feature_map(
         embedding.embedding, train_pool, dim=conv4_output_dim(p.data.image_size, config["hidden"]),

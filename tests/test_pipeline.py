@@ -37,7 +37,7 @@ def project(tmp_path_factory, shared_data):
                          "param_prediction": {"kind": "param_prediction", "queries": 5,
                                               "budget": {"default": {"episodes": 100000, "seconds": 2}},  # the cap ends it
                                               "pretrain": {"budget": {"default": {"epochs": 100, "seconds": 3}}}}}  # the cap ends it
-    params["train"].update(val_every=20, validation={"ways": 5, "shots": 1, "queries": 5, "episodes": 50})
+    params["train"].update(val_every=20, validation={"ways": 5, "shots": 1, "queries": 5, "tasks": 50})
     params["shift"].update(methods=["protonet", "fomaml"], tasks=3, corruptions=["gaussian_noise", "fog"])
     params["tta"]["data"].update(source=str(shared_data), images=20, corruptions=["gaussian_noise", "fog"], severities=[5])
     params["tta"]["training"].update(hidden=4, epochs=1, train_images=500, batch_size=64)
@@ -50,7 +50,7 @@ def project(tmp_path_factory, shared_data):
                                evaluate={"tasks": 1, "horizons": [1, 2], "record_every": 2, "tuning_tasks": 1,
                                          "adam_lrs": [0.01], "sgd_lrs": [0.1]},
                                finetune={"methods": ["fomaml"], "tasks": 3, "learned_steps": 2})
-    params["evaluate"].update(episodes=100, timing_tasks=5, shots_curve=[1, 5])
+    params["evaluate"].update(tasks=100, timing_tasks=5, shots_curve=[1, 5])
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)

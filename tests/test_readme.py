@@ -213,7 +213,7 @@ def test_the_worked_example_method_trains_from_its_file(tmp_path):
     params["methods"] = {key: {**block, "hidden": 16, "budget": {"default": {"episodes": 40}}}}  # small, same keys
     params["shift"]["methods"], params["optimizer"]["finetune"]["methods"] = [], []
     params["train"].update(val_every=20, progress="log", precision="fp32",
-                           validation={"ways": 5, "shots": 1, "queries": 3, "episodes": 20})
+                           validation={"ways": 5, "shots": 1, "queries": 3, "tasks": 20})
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     splits = {}
     for i, split in enumerate(("train", "val", "test")):

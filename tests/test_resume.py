@@ -33,7 +33,7 @@ def make_project(root, methods: dict | None = None):
     params["shift"]["methods"] = []
     params["optimizer"]["finetune"]["methods"] = []
     params["train"].update(val_every=50, checkpoint_every=2, progress="log",
-                           validation={"ways": 5, "shots": 1, "queries": 3, "episodes": 20})
+                           validation={"ways": 5, "shots": 1, "queries": 3, "tasks": 20})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     splits = {}
     for i, name in enumerate(("train", "val", "test")):

@@ -306,7 +306,7 @@ def time_to_accuracy(config: Row, pools: dict[str, TaskPool]) -> Row:
                               vectorize=config.get("vectorize", "auto"))
     method, precision = as_the_pipeline_runs(method, device, config.get("precision", "auto"))
     val = config["validation"]
-    val_indices = fixed_episodes(pools["val"], val["episodes"], val["ways"], val["shots"], val["queries"], seed=1)
+    val_indices = fixed_episodes(pools["val"], val["tasks"], val["ways"], val["shots"], val["queries"], seed=1)
 
     def validate(m: MetaLearner) -> float:
         m.eval()

@@ -56,13 +56,13 @@ def plan(device: torch.device, quick: bool, seconds: dict[str, float], maml_task
     if seconds.get("protonet"):
         configs.append({**base, "case": "time_to_accuracy", "method": "protonet", "seconds": seconds["protonet"],
                         "train": {"ways": 60, "shots": 1, "queries": 5, "tasks": 4 if gpu else 1},
-                        "validation": {"ways": 20, "shots": 1, "queries": 15, "episodes": 200},
+                        "validation": {"ways": 20, "shots": 1, "queries": 15, "tasks": 200},
                         "val_every": 500 if gpu else 100, "targets": [0.94, 0.96], "halvings": 4,
                         "test_settings": ["5w1s", "5w5s", "20w1s", "20w5s"]})
     if seconds.get("maml"):
         configs.append({**base, "case": "time_to_accuracy", "method": "maml", "seconds": seconds["maml"],
                         "train": {"ways": 5, "shots": 1, "queries": 15, "tasks": 32}, "inner_steps": 1, "inner_lr": 0.4,
-                        "inner_steps_eval": 3, "validation": {"ways": 5, "shots": 1, "queries": 15, "episodes": 200},
+                        "inner_steps_eval": 3, "validation": {"ways": 5, "shots": 1, "queries": 15, "tasks": 200},
                         "val_every": 250 if gpu else 20, "targets": [0.95, 0.987], "halvings": 0,
                         "test_settings": ["5w1s", "5w5s"]})
     return configs

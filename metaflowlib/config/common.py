@@ -88,7 +88,7 @@ class ValidationParams(Strict):
     ways: int = Field(5, ge=2)
     shots: int = Field(1, ge=1)
     queries: int = Field(15, ge=1)
-    episodes: int = Field(200, ge=1)
+    tasks: int = Field(200, ge=1)  # fixed validation tasks, the same at every validation
 
 
 class LauncherParams(Strict):
@@ -112,7 +112,7 @@ class TrainParams(Strict):
 
 
 class EvaluateParams(Strict):
-    episodes: int = Field(1000, ge=1)
+    tasks: int = Field(1000, ge=1)  # fixed test tasks per setting (Snell et al.: 1000)
     queries: int = Field(15, ge=1)
     settings: tuple[Setting, ...] = ("5w1s", "5w5s", "20w1s", "20w5s")
     shots_curve: tuple[int, ...] = (1, 5, 10, 20)  # accuracy vs shots at 5-way (capped by examples per class)
