@@ -122,16 +122,25 @@ def read_tensor_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
     from metaflowlib.errors import DataError
 
     directory = Path(directory)
-    path = directory / CONFIG_FILE
-    if not path.is_file():
-        raise DataError(f"{path} is missing: not a directory written by metaflowlib")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise DataError(f"{path} must hold a JSON object")
+    config = read_mapping(directory / CONFIG_FILE, json.loads, json.JSONDecodeError, DataError,
+                          "is missing: not a directory written by metaflowlib")
     return config, load_tensors(directory / WEIGHTS_FILE)
+
+
+def read_mapping(path: str | os.PathLike, parse: Callable[[str], Any], parse_error: type[Exception],
+                 error: type[Exception], missing: str) -> dict[str, Any]:
+    """A JSON or YAML file that must hold a mapping; a missing, unparsable or non-mapping file is one `error`
+    naming the path (`missing` says why the file should be there)."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path} {missing}")
+    try:
+        data = parse(path.read_text())
+    except parse_error as problem:
+        raise error(f"{path} is not valid {path.suffix.lstrip('.').upper() or 'text'}: {problem}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a mapping, got {type(data).__name__}")
+    return data
 
 
 def load_built(directory: str | os.PathLike, kinds: Iterable[str], build: Callable[[str, dict[str, Any]], Any],

@@ -14,7 +14,6 @@ field, its value and why.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -30,6 +29,7 @@ from metaflowlib.config.common import (
     TrainParams,
 )
 from metaflowlib.errors import ConfigError
+from metaflowlib.io import read_mapping
 
 SECTIONS = ("tta", "shift", "optimizer")  # validated by the stages that read them
 
@@ -97,17 +97,8 @@ def parse_params(data: Any, origin: str = "params", **sections: type[Strict]) ->
 
 
 def read_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
-    """params.yaml as a mapping; a missing or malformed file is one ConfigError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path} not found (run from the project root, or pass --params)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
-    return data
+    """params.yaml as a mapping of sections; a missing or malformed file is one ConfigError."""
+    return read_mapping(path, yaml.safe_load, yaml.YAMLError, ConfigError, "not found (run from the project root, or pass --params)")
 
 
 def load_params(path: str | os.PathLike = "params.yaml", **sections: type[Strict]) -> Params:
