@@ -19,7 +19,7 @@ from torch import Tensor
 
 from metaflowlib.episodes import EpisodeIndices, TaskPool, fixed_episodes
 from metaflowlib.methods import MetaLearner
-from metaflowlib.progress import phase
+from metaflowlib.progress import phase, track
 from metaflowlib.runtime import autocast, synchronize
 
 
@@ -61,12 +61,13 @@ def embed_pool(method: MetaLearner, pool: TaskPool, dtype: torch.dtype | None, b
     return pool.with_examples(torch.cat(chunks))
 
 
-def task_accuracies(method: MetaLearner, pool: TaskPool, indices: EpisodeIndices, batch_tasks: int, dtype: torch.dtype | None) -> Tensor:
-    """Query accuracy of each task [T]: adapt on the support set, predict the queries."""
+def task_accuracies(method: MetaLearner, pool: TaskPool, indices: EpisodeIndices, batch_tasks: int, dtype: torch.dtype | None,
+                    label: str = "tasks") -> Tensor:
+    """Query accuracy of each task [T]: adapt on the support set, predict the queries (progress: `label`)."""
     device = pool.examples.device
     out = []
     with torch.no_grad(), autocast(device, method.precision(dtype)):
-        for batch in indices.batches(batch_tasks):
+        for batch in track(indices.batches(batch_tasks), f"{label}, batches of {batch_tasks} tasks"):
             episode = pool.gather(batch)
             theta = method.adapt(episode.support_x, episode.support_y, episode.ways)
             logits = method.predict(theta, episode.query_x)
@@ -78,9 +79,8 @@ def evaluate_setting(
     method: MetaLearner, pool: TaskPool, features: TaskPool | None, ways: int, shots: int, queries: int,
     episodes: int, seed: int, batch_tasks: int, dtype: torch.dtype | None,
 ) -> SettingResult:
-    phase(f"scoring {ways}-way {shots}-shot, {episodes} tasks")
     indices = fixed_episodes(pool, episodes, ways, shots, queries, seed)
-    accuracies = task_accuracies(method, features or pool, indices, batch_tasks, dtype)
+    accuracies = task_accuracies(method, features or pool, indices, batch_tasks, dtype, f"scoring {ways}-way {shots}-shot, {episodes} tasks")
     mean, ci = confidence_interval(accuracies)
     return SettingResult(ways, shots, queries, episodes, mean, ci, indices.digest(), tuple(accuracies.tolist()))
 

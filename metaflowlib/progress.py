@@ -5,7 +5,9 @@ the log minutes late. `heartbeat` (entered by `entry.run_guarded`, which every s
 through) makes stdout and stderr line-buffered and, while the work runs, prints
 `<name>: <phase> (<elapsed>)` whenever nothing was printed for `every` seconds. Code that works
 for a while names what it is doing with `phase("scoring 5w1s, 1000 tasks")`; the training loop's
-own progress lines count as output, so a training stage gets no heartbeat between them.
+own progress lines count as output, so a training stage gets no heartbeat between them. A loop over
+known work goes through `track(items, "scoring 5w1s")`: a bar on a terminal, and the phase
+`scoring 5w1s 3/20` for the heartbeat's lines in a log.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import contextlib
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from typing import TextIO
+from collections.abc import Iterable, Iterator, Sized
+from typing import TextIO, TypeVar
+
+T = TypeVar("T")
 
 EVERY_SECONDS = 30.0
 
@@ -50,6 +54,20 @@ def phase(text: str) -> None:
     """Name what the running stage does now; the next heartbeat line says it. Outside a heartbeat: nothing."""
     if _current is not None:
         _current.phase = text
+
+
+def track(items: Iterable[T], label: str, total: int | None = None) -> Iterator[T]:
+    """Iterate `items` showing how far it got: a bar on stderr when it is a terminal; otherwise the phase
+    `<label> <i>/<total>`, which the heartbeat prints after 30 s of silence."""
+    total = total if total is not None else (len(items) if isinstance(items, Sized) else None)
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        yield from tqdm(items, desc=label, total=total, file=sys.stderr, dynamic_ncols=True, leave=False)
+        return
+    for done, item in enumerate(items):
+        phase(f"{label} {done}/{total}" if total is not None else f"{label} ({done} done)")
+        yield item
 
 
 def _elapsed(seconds: float) -> str:

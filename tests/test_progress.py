@@ -48,3 +48,15 @@ def test_a_stage_writing_to_a_file_shows_each_line_before_it_ends(tmp_path):
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_tracked_loop_names_how_far_it_got(capsys):
+    """In a log (stderr not a terminal) each step of a tracked loop becomes the phase the heartbeat prints."""
+    seen = []
+    with progress.heartbeat("evaluate@protonet", every=0.2):
+        for i in progress.track(range(3), "scoring 5-way 1-shot"):
+            seen.append(progress._current.phase)
+            if i == 1:
+                time.sleep(0.35)
+    assert seen == ["scoring 5-way 1-shot 0/3", "scoring 5-way 1-shot 1/3", "scoring 5-way 1-shot 2/3"]
+    assert "evaluate@protonet: scoring 5-way 1-shot 1/3 (0s)" in capsys.readouterr().out

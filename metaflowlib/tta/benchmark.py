@@ -23,7 +23,7 @@ from torch import nn
 from metaflowlib.tta.strategies import OptimizerFactory, build_adapter
 from metaflowlib.learned_optimizer.learned import LearnedOptimizer, LSTMOptimizerNet
 from metaflowlib.memory import PeakMemory
-from metaflowlib.progress import phase
+from metaflowlib.progress import track
 from metaflowlib.tta.classifier import to_input
 from metaflowlib.tta.shifted import ShiftedSet
 
@@ -107,10 +107,9 @@ def evaluate_strategy(
     batch_ms: list[float] = []
 
     def error(images: np.ndarray, name: str) -> float:
-        phase(f"{kind} on {name}: {len(labels)} images in {len(chunks)} batches")
         adapter.reset()
         wrong = 0
-        for index in chunks:
+        for index in track(chunks, f"{kind} on {name}, batches of {batch_size} images"):
             x = to_input(images[index.numpy()], device)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

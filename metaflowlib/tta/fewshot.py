@@ -26,7 +26,7 @@ from metaflowlib.episodes import EpisodeIndices, TaskPool, fixed_episodes
 from metaflowlib.evaluate import confidence_interval, task_accuracies
 from metaflowlib.methods import MetaLearner
 from metaflowlib.methods.base import argmax_accuracy
-from metaflowlib.progress import phase
+from metaflowlib.progress import track
 from metaflowlib.tta.strategies import build_adapter
 
 CLEAN = "clean"
@@ -97,8 +97,7 @@ def evaluate_under_shift(
     strategies = strategies_for(method, tent_steps, tent_lr)
     results: dict[str, dict[str, dict[str, float]]] = {strategy: {} for strategy in strategies}
     indices = None
-    for corruption in (CLEAN, *corruptions):
-        phase(f"{corruption}: corrupting the test split and adapting {tasks} tasks per strategy")
+    for corruption in track((CLEAN, *corruptions), f"corrupting the test split and adapting {tasks} tasks per strategy"):
         shifted = images if corruption == CLEAN else corrupt(images, corruption, severity, seed)
         pool = TaskPool(to_model_input(shifted, image_size).to(device), torch.from_numpy(labels), name=f"test/{corruption}")
         if indices is None:  # one class layout, so the same tasks under every corruption

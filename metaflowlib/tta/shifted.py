@@ -19,7 +19,7 @@ import numpy as np
 from metaflowlib.data.corruptions import CORRUPTIONS, corrupt
 from metaflowlib.errors import DataError
 from metaflowlib.io import atomic_path
-from metaflowlib.progress import phase
+from metaflowlib.progress import track
 
 IMAGES_FILE, INFO_FILE = "images.safetensors", "info.json"
 
@@ -50,8 +50,7 @@ def build_shifted(
     index = np.random.default_rng(seed).permutation(len(labels))[:count]
     clean, chosen = np.ascontiguousarray(images[index]), labels[index].astype(np.int64)
     corrupted = {}
-    for name in corruptions:
-        phase(f"corrupting {count} images with {name} at severities {list(severities)}")
+    for name in track(corruptions, f"corrupting {count} images at severities {list(severities)}"):
         corrupted[name] = np.stack([corrupt(clean, name, s, corruption_seed(seed, name)) for s in severities])
     digest = hashlib.sha256(index.astype(np.int64).tobytes())
     for array in (clean, chosen, *corrupted.values()):
