@@ -50,7 +50,7 @@ def project(tmp_path_factory, shared_data):
                                evaluate={"tasks": 1, "horizons": [1, 2], "record_every": 2, "tuning_tasks": 1,
                                          "adam_lrs": [0.01], "sgd_lrs": [0.1]},
                                finetune={"methods": ["fomaml"], "tasks": 3, "learned_steps": 2})
-    params["evaluate"].update(tasks=100, timing_tasks=5, shots_curve=[1, 5])
+    params["evaluate"].update(tasks=60, timing_tasks=5, shots_curve=[1, 5])
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
@@ -155,7 +155,7 @@ def test_dvc_repro_trains_evaluates_registers_and_serves(project):
     assert evaluation.info.run_id == yaml.safe_load((root / "runs" / "protonet" / "evaluate.json").read_text())["run_id"]
     assert evaluation.data.metrics["acc_5w1s"] == metrics["acc_5w1s"] and evaluation.data.tags["evaluated_model_id"] == train["model_uri"].removeprefix("models:/")
     per_task = mlflow.artifacts.load_dict(f"runs:/{evaluation.info.run_id}/evaluation/per_task/5w1s.json")
-    assert per_task["episodes_digest"] == metrics["episodes_digest"]["5w1s"] and len(per_task["task_accuracies"]) == 100
+    assert per_task["episodes_digest"] == metrics["episodes_digest"]["5w1s"] and len(per_task["task_accuracies"]) == 60
     assert np.mean(per_task["task_accuracies"]) == pytest.approx(metrics["acc_5w1s"], abs=1e-6)
     logged = {m.key: m.value for m in mlflow.get_logged_model(train["model_uri"].removeprefix("models:/")).metrics}
     assert logged["acc_5w1s"] == metrics["acc_5w1s"]  # the logged model (and so its versions) shows its accuracy
@@ -243,7 +243,7 @@ def test_promote_and_rollback_rerun_exactly_the_consumers(project):
     root, env = project
     use_store(root)
 
-    with pytest.raises(RegistryError, match=re.escape("difference +0.0000, 95% interval [+0.0000, +0.0000] (paired bootstrap over 100 shared tasks)")):
+    with pytest.raises(RegistryError, match=re.escape("difference +0.0000, 95% interval [+0.0000, +0.0000] (paired bootstrap over 60 shared tasks)")):
         registry.promote("omniglot-lake-fomaml", "2", "acc_5w1s")  # the same model scored again: no gain beyond noise
 
     moves = ((lambda: registry.promote("omniglot-lake-fomaml", "2", "acc_5w1s", force=True), "2"),
