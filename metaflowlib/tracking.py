@@ -23,6 +23,9 @@ if TYPE_CHECKING:  # torch is imported where a run's device is described, not by
 
     from metaflowlib.config import Params
 
+_configured: str | None = None  # the store `configure` last pointed MLflow at, in this process
+
+
 def configure(tracking_uri: str) -> str:
     """Point MLflow at `tracking_uri` after checking it can be reached; returns the URI used.
 
@@ -41,6 +44,8 @@ def configure(tracking_uri: str) -> str:
 
         with file_lock(f"{Path(uri.removeprefix('sqlite:///')).expanduser()}.init.lock", timeout=300):
             mlflow.MlflowClient().search_experiments(max_results=1)
+    global _configured
+    _configured = uri
     return uri
 
 
@@ -280,12 +285,13 @@ def own_tags(run: ActiveRun) -> dict[str, str]:
 @contextlib.contextmanager
 def stage_run(p: Params, stage: str, run_name: str, *, tags: dict[str, str] | None = None, params: dict[str, Any] | None = None,
               device: torch.device | None = None, experiment: str | None = None, run_id: str | None = None) -> Iterator[ActiveRun]:
-    """The one way a stage opens its MLflow run: the store from params (`configure`), the experiment (params'
-    unless named), tags {stage, the DVC experiment, where it ran (`device`), `tags`}, `params` flattened (not
+    """The one way a stage opens its MLflow run: the store from params (`configure`, once per process), the experiment
+    (params' unless named), tags {stage, the DVC experiment, where it ran (`device`), `tags`}, `params` flattened (not
     again when resuming `run_id`), and the run marked KILLED, not FAILED, when a signal stops the stage."""
     import mlflow
 
-    configure(p.mlflow.tracking_uri)
+    if _configured != resolve_store(os.environ.get("MLFLOW_TRACKING_URI") or p.mlflow.tracking_uri):
+        configure(p.mlflow.tracking_uri)  # not again when the stage already opened the store to read the registry
     tags = {"stage": stage, **(system_tags(device) if device is not None else {}), **(tags or {})}
     with start_run(experiment or p.experiment, p.mlflow.artifact_location, run_name, tags, run_id=run_id) as run:
         if params and run_id is None:
