@@ -24,7 +24,6 @@ from metaflowlib.config.methods import method_spec
 from metaflowlib.data.store import load_pool
 from metaflowlib.io import WEIGHTS_FILE, atomic_path, sha256_file, write_json
 from metaflowlib.methods import ProtoNet
-from metaflowlib.models import conv4_output_dim
 from metaflowlib.pretrain import pretrain_feature_map
 from metaflowlib.runtime import resolve_device, resolve_precision, seed_everything
 from metaflowlib.serving.fewshot import log_pyfunc_model
@@ -49,7 +48,8 @@ def main() -> None:
     dtype = resolve_precision(p.train.precision, device)
     seed_everything(p.seed)
     config = mp.build(p.data.image_size).config()
-    embedding = ProtoNet(in_channels=config["in_channels"], hidden=config["hidden"], distance="cosine").to(device)
+    embedding = ProtoNet(in_channels=config["in_channels"], hidden=config["hidden"], distance="cosine", backbone=config["backbone"],
+                         image_size=config["image_size"]).to(device)
     if p.train.channels_last:
         embedding = embedding.to(memory_format=torch.channels_last)
     train_pool, val_pool = (load_pool(PREPARED, split, p.data.image_size, device) for split in ("train", "val"))
@@ -67,7 +67,7 @@ def main() -> None:
         tracking.log_splits(PREPARED, {"train": "training", "val": "validation"})  # val picks the best epoch
         checkpoints.started(run.info.run_id)
         result = pretrain_feature_map(
-            embedding.embedding, train_pool, dim=conv4_output_dim(p.data.image_size, config["hidden"]),
+            embedding.embedding, train_pool, dim=embedding.dim,
             batch_size=pretrain.batch_size, lr=pretrain.lr, scale=pretrain.scale, max_epochs=budget.epochs,
             max_seconds=budget.seconds, validate=lambda: nearest_centroid(embedding), seed=p.seed, precision=dtype,
             log=tracking.MetricLogger(run.info.run_id), progress=p.train.progress != "off",
@@ -87,7 +87,7 @@ def main() -> None:
             tags={"method": "protonet", "role": "feature_map", "feature_map_of": key, "profile": p.profile,
                   "val_accuracy_nearest_centroid": result.best_val_accuracy, "weights_sha256": weights_sha256,
                   "git_commit": tracking.git_commit()},
-            description=(f"Conv-4 feature map pre-trained by {p.data.name} many-way classification ({result.epochs:.1f} epochs, "
+            description=(f"{config['backbone']['kind']} feature map pre-trained by {p.data.name} many-way classification ({result.epochs:.1f} epochs, "
                          f"{result.seconds:.0f}s); frozen inside {key}. As a cosine nearest-centroid classifier: "
                          f"val {v.ways}w{v.shots}s {100 * result.best_val_accuracy:.2f}%."),
             model_description=f"the embedding that {key} predicts classifier weights from",

@@ -55,7 +55,6 @@ from metaflowlib.episodes import EpisodeSampler, TaskPool
 from metaflowlib.evaluate import embed_pool
 from metaflowlib.io import WEIGHTS_FILE, sha256_file
 from metaflowlib.methods import ProtoNet
-from metaflowlib.models import conv4_output_dim
 from metaflowlib.learned_optimizer.learned import LSTMOptimizerNet, save_optimizer
 from metaflowlib.learned_optimizer.meta_train import meta_train_optimizer
 from metaflowlib.learned_optimizer.suites import build_pools, meta_training_distribution
@@ -153,7 +152,8 @@ def pretrain(key: str, out: Path) -> Path:
     dtype = resolve_precision(p.train.precision, device)
     seed_everything(p.seed)
     config = mp.build(p.data.image_size).config()
-    embedding = ProtoNet(in_channels=config["in_channels"], hidden=config["hidden"], distance="cosine").to(device)
+    embedding = ProtoNet(in_channels=config["in_channels"], hidden=config["hidden"], distance="cosine", backbone=config["backbone"],
+                         image_size=config["image_size"]).to(device)
     if p.train.channels_last:
         embedding = embedding.to(memory_format=torch.channels_last)
     train_pool, val_pool = omniglot_like("train"), omniglot_like("val")
@@ -162,7 +162,7 @@ def pretrain(key: str, out: Path) -> Path:
     nearest_centroid = validation_accuracy(val_pool, ways=v.ways, shots=v.shots, queries=v.queries, tasks=v.tasks,
                                            seed=p.seed + 1, batch_tasks=p.evaluate.batch_tasks, dtype=dtype)
     pretrain_feature_map(
-        embedding.embedding, train_pool, dim=conv4_output_dim(p.data.image_size, config["hidden"]),
+        embedding.embedding, train_pool, dim=embedding.dim,
         batch_size=pp.batch_size, lr=pp.lr, scale=pp.scale, max_epochs=budget.epochs, max_seconds=budget.seconds,
         validate=lambda: nearest_centroid(embedding), seed=p.seed, precision=dtype, progress=False,
     )

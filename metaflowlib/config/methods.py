@@ -18,6 +18,7 @@ from metaflowlib.config.base import Budget, Strict, check_task_shape, format_val
 from metaflowlib.config.common import MetaOptimizer, MethodBlock, MethodBudgets, PretrainParams
 from metaflowlib.errors import ConfigError
 from metaflowlib.methods import METHODS, MetaLearner
+from metaflowlib.models.backbones import BackboneError
 
 FROM_DATA = ("image_size", "in_channels")  # arguments the data section sets, never a block
 SHARED = ("ways", "shots", "queries", "tasks_per_step", "meta_optimizer", "budget", "val_every", "description", "pretrain")
@@ -38,14 +39,15 @@ class MethodSpec(Strict):
     pretrain: PretrainParams | None = None
     options: dict[str, Any] = {}  # the method class's own arguments, its signature's defaults filled in
 
-    def model_config_dict(self, image_size: int) -> dict[str, Any]:
-        """Constructor arguments of the method class: its options, plus `ways` and `image_size` where it takes them."""
+    def model_config_dict(self, image_size: int, in_channels: int = 1) -> dict[str, Any]:
+        """Constructor arguments of the method class: its options, plus `ways` and the data's image shape where it
+        takes them."""
         accepted = constructor_parameters(METHODS[self.kind])
-        shared = {"ways": self.ways, "image_size": image_size}
+        shared = {"ways": self.ways, "image_size": image_size, "in_channels": in_channels}
         return {**{k: v for k, v in shared.items() if k in accepted}, **self.options}
 
-    def build(self, image_size: int) -> MetaLearner:
-        return METHODS[self.kind](**self.model_config_dict(image_size))
+    def build(self, image_size: int, in_channels: int = 1) -> MetaLearner:
+        return METHODS[self.kind](**self.model_config_dict(image_size, in_channels))
 
     def budget_in(self, profile: str) -> Budget:
         return self.budget.of(profile)
@@ -128,5 +130,7 @@ def _check(spec: MethodSpec, cls: type[MetaLearner], p: Params, where: str) -> N
     try:
         check_task_shape(p.data, where, spec.ways, spec.shots + spec.queries, "train")
         spec.build(p.data.image_size)
+    except BackboneError as error:  # its message starts with the field: backbone, backbone.kind, ...
+        raise ConfigError(f"{where}.{error}") from None
     except ValueError as error:
         raise ConfigError(f"{where}: {error}") from None

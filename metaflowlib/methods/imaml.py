@@ -28,6 +28,7 @@ from torch.func import functional_call, grad, jvp
 
 from metaflowlib.episodes import Episode
 from metaflowlib.methods.base import StepStats, argmax_accuracy
+from metaflowlib.models.backbones import BackboneSpec
 from metaflowlib.models.conv4 import Layout
 from metaflowlib.methods.inner_loop import (
     HeadInit,
@@ -74,6 +75,7 @@ class IMAML(InitializationLearner):
         layout: Layout = "strided",
         vectorize: Vectorize = "auto",
         chunk_size: int | None = None,
+        backbone: BackboneSpec = "conv4",
     ) -> None:
         if lam <= 0:
             raise ValueError(f"lam (iMAML's lambda) must be > 0, got {lam}")
@@ -84,7 +86,7 @@ class IMAML(InitializationLearner):
         super().__init__(
             ways=ways, in_channels=in_channels, hidden=hidden, image_size=image_size,
             inner_steps=inner_steps, inner_steps_eval=inner_steps_eval, inner_lr=inner_lr,
-            head_init=head_init, layout=layout, vectorize=vectorize, chunk_size=chunk_size, lam=lam, cg_steps=cg_steps,
+            head_init=head_init, layout=layout, vectorize=vectorize, chunk_size=chunk_size, backbone=backbone, lam=lam, cg_steps=cg_steps,
             cg_damping=cg_damping, lam_damping=lam_damping,
         )
         self.lam, self.cg_steps, self.cg_damping, self.lam_damping = lam, cg_steps, cg_damping, lam_damping

@@ -1,6 +1,6 @@
 """The functional inner loop shared by the optimization-based methods (MAML, FOMAML, Reptile, iMAML).
 
-omega   = an initialization theta (Conv-4 + linear N-way head), the lecture's theta_0.
+omega   = an initialization theta (a backbone, Conv-4 by default, + linear N-way head), the lecture's theta_0.
 theta_i = theta after a few inner-optimizer steps on task i's support loss L(theta, D_i^t).
 
 Parameters are plain dicts {name: Tensor} run through `torch.func.functional_call`;
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from metaflowlib.methods.base import MetaLearner
-from metaflowlib.models import Conv4, conv4_output_dim
+from metaflowlib.models.backbones import BackboneSpec, backbone_spec, build_backbone, output_dim
 from metaflowlib.models.conv4 import Layout
 from metaflowlib.models.batchnorm import BatchNorm2d
 from metaflowlib.methods.inner_optimizers import SGD, InnerOptimizer
@@ -65,7 +65,7 @@ def map_tasks(
     `chunk_size` bounds how many tasks vmap materializes at once; the loop is chunk size 1.
     """
     if mode == "vmap":
-        return vmap(fn, in_dims=in_dims, chunk_size=chunk_size)(*args)
+        return vmap(fn, in_dims=in_dims, chunk_size=chunk_size, randomness="different")(*args)  # dropout: per task
     tasks = next(_leading_dim(a) for a, d in zip(args, in_dims) if d == 0)
     return _stack([fn(*(a if d is None else _index(a, i) for a, d in zip(args, in_dims))) for i in range(tasks)])
 
@@ -126,7 +126,7 @@ def inner_loop(
 
 
 class InitializationLearner(MetaLearner):
-    """Base of the methods whose meta-knowledge is an initialization theta of Conv-4 + linear head.
+    """Base of the methods whose meta-knowledge is an initialization theta of a backbone (Conv-4 by default) + linear head.
 
     Always fp32 (`autocast_safe = False`): inner-loop gradients, and MAML's second
     derivatives through them, are not trusted to bf16.
@@ -150,7 +150,10 @@ class InitializationLearner(MetaLearner):
 
     Args (shared by every subclass):
         ways: N, the head size; episodes with another N are refused.
-        in_channels, hidden, image_size: Conv-4 shape and input side (the head's input size).
+        in_channels, image_size: the images' channels and side (set by the data; the head's input size follows).
+        hidden: Conv-4's width (backbone conv4 only).
+        backbone: "conv4" (default), "resnet12" or a spec mapping (models/backbones.py); its BatchNorm is
+            transductive, and vmap-safe when vectorized (an imported module's nn.BatchNorm2d is swapped for it).
         inner_steps: inner steps during meta-training (`self.training`).
         inner_steps_eval: inner steps at evaluation (`eval()` mode).
         inner_lr: alpha, the inner SGD step size.
@@ -183,6 +186,7 @@ class InitializationLearner(MetaLearner):
         layout: Layout,
         vectorize: Vectorize,
         chunk_size: int | None,
+        backbone: BackboneSpec = "conv4",
         **method_config: Any,
     ) -> None:
         if ways < 2:
@@ -200,18 +204,19 @@ class InitializationLearner(MetaLearner):
         super().__init__(
             ways=ways, in_channels=in_channels, hidden=hidden, image_size=image_size,
             inner_steps=inner_steps, inner_steps_eval=inner_steps_eval, inner_lr=inner_lr, head_init=head_init,
-            layout=layout, vectorize=vectorize, chunk_size=chunk_size, **method_config,
+            layout=layout, vectorize=vectorize, chunk_size=chunk_size, backbone=backbone_spec(backbone), **method_config,
         )
         self.ways, self.in_channels, self.image_size = ways, in_channels, image_size
         self.inner_steps, self.inner_steps_eval, self.inner_lr = inner_steps, inner_steps_eval, inner_lr
         self.vectorize, self.chunk_size, self.head_init = vectorize, chunk_size, head_init
-        head = nn.Linear(conv4_output_dim(image_size, hidden, layout=layout), ways)
+        head = nn.Linear(output_dim(backbone, in_channels, image_size, hidden=hidden, layout=layout), ways)
         if head_init == "normal":
             nn.init.normal_(head.weight, std=1.0)
         else:
             nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
-        self.net = nn.Sequential(Conv4(in_channels, hidden, composite_bn=True, track_running_stats=False, layout=layout), head)
+        body = build_backbone(backbone, in_channels, hidden=hidden, layout=layout, composite_bn=True, track_running_stats=False)
+        self.net = nn.Sequential(body, head)
         self.inner_optimizer: InnerOptimizer = SGD(inner_lr)
 
     @property

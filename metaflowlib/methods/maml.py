@@ -16,6 +16,7 @@ from torch import Tensor
 
 from metaflowlib.episodes import Episode
 from metaflowlib.methods.base import StepStats, argmax_accuracy
+from metaflowlib.models.backbones import BackboneSpec
 from metaflowlib.models.conv4 import Layout
 from metaflowlib.methods.inner_loop import HeadInit, InitializationLearner, Params, Vectorize
 
@@ -49,11 +50,12 @@ class MAML(InitializationLearner):
         layout: Layout = "strided",
         vectorize: Vectorize = "auto",
         chunk_size: int | None = None,
+        backbone: BackboneSpec = "conv4",
     ) -> None:
         super().__init__(
             ways=ways, in_channels=in_channels, hidden=hidden, image_size=image_size,
             inner_steps=inner_steps, inner_steps_eval=inner_steps_eval, inner_lr=inner_lr,
-            head_init=head_init, layout=layout, vectorize=vectorize, chunk_size=chunk_size, first_order=first_order,
+            head_init=head_init, layout=layout, vectorize=vectorize, chunk_size=chunk_size, backbone=backbone, first_order=first_order,
         )
         self.first_order = first_order
 

@@ -23,14 +23,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaflowlib.methods.base import MetaLearner
-from metaflowlib.models import Conv4, conv4_output_dim
+from metaflowlib.models.backbones import BackboneSpec, backbone_spec, build_backbone, output_dim
 
 
 class ParameterPredictor(MetaLearner):
     """Predict a cosine classifier's weights and biases from support activations.
 
     Args:
-        in_channels, hidden, image_size: the frozen Conv-4 feature map's shape.
+        in_channels, image_size: the images' channels and side (set by the data).
+        hidden: Conv-4's width (backbone conv4 only).
+        backbone: the frozen feature map: "conv4", "resnet12" or a spec mapping (models/backbones.py).
         predictor_hidden: width of phi's hidden layer; 0 makes phi linear (Qiao et al.).
         combine_prototypes: add phi_avg * a_k, the prototype term of Gidaris & Komodakis.
         scale: initial value of the learned cosine scale s.
@@ -45,12 +47,13 @@ class ParameterPredictor(MetaLearner):
 
     def __init__(
         self, in_channels: int = 1, hidden: int = 64, image_size: int = 28, predictor_hidden: int = 256,
-        combine_prototypes: bool = True, scale: float = 10.0,
+        combine_prototypes: bool = True, scale: float = 10.0, backbone: BackboneSpec = "conv4",
     ) -> None:
+        backbone = backbone_spec(backbone)
         super().__init__(in_channels=in_channels, hidden=hidden, image_size=image_size, predictor_hidden=predictor_hidden,
-                         combine_prototypes=combine_prototypes, scale=scale)
-        self.embedding = Conv4(in_channels, hidden).requires_grad_(False)
-        dim = conv4_output_dim(image_size, hidden)
+                         combine_prototypes=combine_prototypes, scale=scale, backbone=backbone)
+        self.embedding = build_backbone(backbone, in_channels, hidden=hidden).requires_grad_(False)
+        dim = output_dim(backbone, in_channels, image_size, hidden=hidden)
         self.phi = _predictor(dim, predictor_hidden, residual=combine_prototypes)
         self.phi_avg = nn.Parameter(torch.ones(dim)) if combine_prototypes else None
         self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))

@@ -12,14 +12,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metaflowlib.methods.base import MetaLearner
-from metaflowlib.models import Conv4
+from metaflowlib.models.backbones import BackboneSpec, backbone_spec, build_backbone, output_dim
 
 
 class ProtoNet(MetaLearner):
-    """ProtoNet over a Conv-4 embedding.
+    """ProtoNet over an embedding f_phi: Conv-4 by default, any backbone (models/backbones.py).
 
     Args:
-        in_channels, hidden: Conv-4 shape.
+        in_channels, image_size: the images' channels and side (set by the data).
+        hidden: Conv-4's width (backbone conv4 only).
+        backbone: "conv4", "resnet12", or a spec mapping (models/backbones.py).
         distance: "euclidean" (squared, the paper's choice) or "cosine".
         temperature: logit scale for cosine distance (cosine in [-1, 1] is too flat for softmax).
     """
@@ -28,11 +30,17 @@ class ProtoNet(MetaLearner):
     block_defaults = {"ways": 60, "shots": 5, "queries": 5}  # Snell et al. train 60-way, more ways than they test
     per_example_features = True
 
-    def __init__(self, in_channels: int = 1, hidden: int = 64, distance: str = "euclidean", temperature: float = 10.0):
+    def __init__(
+        self, in_channels: int = 1, hidden: int = 64, distance: str = "euclidean", temperature: float = 10.0,
+        backbone: BackboneSpec = "conv4", image_size: int = 28,
+    ) -> None:
         if distance not in ("euclidean", "cosine"):
             raise ValueError(f"distance must be 'euclidean' or 'cosine', got {distance!r}")
-        super().__init__(in_channels=in_channels, hidden=hidden, distance=distance, temperature=temperature)
-        self.embedding = Conv4(in_channels, hidden)
+        backbone = backbone_spec(backbone)
+        super().__init__(in_channels=in_channels, hidden=hidden, distance=distance, temperature=temperature,
+                         backbone=backbone, image_size=image_size)
+        self.dim = output_dim(backbone, in_channels, image_size, hidden=hidden)
+        self.embedding = build_backbone(backbone, in_channels, hidden=hidden)
         self.distance = distance
         self.temperature = temperature
 

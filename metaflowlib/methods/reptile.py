@@ -23,6 +23,7 @@ from torch import Tensor
 
 from metaflowlib.episodes import Episode
 from metaflowlib.methods.base import StepStats, argmax_accuracy, query_cross_entropy
+from metaflowlib.models.backbones import BackboneSpec
 from metaflowlib.models.conv4 import Layout
 from metaflowlib.methods.inner_loop import HeadInit, InitializationLearner, Params, Vectorize
 from metaflowlib.methods.inner_optimizers import SGD, Adam
@@ -81,11 +82,12 @@ class Reptile(InitializationLearner):
         layout: Layout = "strided",
         vectorize: Vectorize = "auto",
         chunk_size: int | None = None,
+        backbone: BackboneSpec = "conv4",
     ) -> None:
         super().__init__(
             ways=ways, in_channels=in_channels, hidden=hidden, image_size=image_size,
             inner_steps=inner_steps, inner_steps_eval=inner_steps_eval, inner_lr=inner_lr,
-            head_init=head_init, layout=layout, vectorize=vectorize, chunk_size=chunk_size, use_query=use_query,
+            head_init=head_init, layout=layout, vectorize=vectorize, chunk_size=chunk_size, backbone=backbone, use_query=use_query,
             inner_optimizer=inner_optimizer, inner_batch=inner_batch,
         )
         if inner_optimizer not in ("sgd", "adam"):
