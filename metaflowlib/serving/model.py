@@ -3,6 +3,7 @@
 `pyfunc_model.py`, the one models-from-code entry point, sets a `ServedModel`; MLflow then calls
 `load_context` with the model's artifacts, whose name says the kind. Each kind's module is imported
 by name, so loading one kind runs no other kind's code (nor do the stages that log it depend on it).
+`RefusedPayload` is how every kind answers a request its contract refuses: HTTP 400 with the contract's line.
 """
 
 from __future__ import annotations
