@@ -9,7 +9,7 @@ import pytest
 
 from metaflowlib.cli import main
 
-from conftest import ROOT
+from conftest import ROOT, register_evaluated
 
 
 def run(*args, cwd=ROOT, env=None):
@@ -98,8 +98,6 @@ def folders(tmp_path, mlflow_store):
     from metaflowlib.methods import ProtoNet
     from metaflowlib.serving.fewshot import log_pyfunc_model
 
-    from conftest import register_evaluated
-
     fmt = ImageFormat(channels=3, image_size=28, ink_on_paper=False, mean=(0.5,) * 3, std=(0.25,) * 3)
     torch.manual_seed(0)
     omega = save_meta_knowledge(ProtoNet(in_channels=3, hidden=8), tmp_path / "omega", {"image_size": 28, "image_format": fmt.to_dict()})
@@ -140,8 +138,8 @@ def test_predict_labels_query_folders_as_text_and_json(folders, capsys):
 @pytest.mark.parametrize("change,message", [
     (lambda root: None, "error: support folder {root}/missing does not exist"),
     (lambda root: (root / "support" / "pear").mkdir(), "error: class folder {root}/support/pear has no images"),
-    (lambda root: shutil.rmtree(root / "support" / "sky"), "error: support folder {root}/support needs one subfolder per class, "
-                                                           "at least 2; found only 'apple'"),
+    (lambda root: shutil.rmtree(root / "support" / "sky"),
+     "error: support folder {root}/support needs one subfolder per class, at least 2; found only 'apple'"),
     (lambda root: (root / "support" / "sky" / "3.png").write_bytes(b"not a png"), "error: cannot read image {root}/support/sky/3.png"),
     (lambda root: shutil.rmtree(root / "query"), "error: query folder {root}/query does not exist"),
     (lambda root: [p.unlink() for p in (root / "query").rglob("*.png")], "error: query folder {root}/query has no images"),

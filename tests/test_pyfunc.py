@@ -55,11 +55,11 @@ def test_a_version_logged_with_the_old_signature_predicts_through_the_current_co
     """Before contract v2: outputs-only signature (no params schema), config without image_format, no model config."""
     import numpy as np
     from mlflow.models import ModelSignature
+    from test_serving import payload
 
     from metaflowlib import api, registry
     from metaflowlib.serving.fewshot import ARTIFACT, example_payload
     from metaflowlib.serving.log import label_outputs, log_code_model
-    from test_serving import payload
 
     with mlflow.start_run():
         old = ModelSignature(inputs=None, outputs=label_outputs())

@@ -156,8 +156,8 @@ def test_strategies_adapt_a_copy_so_every_request_starts_from_the_registered_wei
 
 @pytest.mark.parametrize("strategy,message", [
     ("bn", "strategy 'bn' does not apply to this maml model: it already normalizes with each task's own batch statistics; use 'source'"),
-    ("tent", "strategy 'tent' does not apply to this maml model: its inner loop on the support set is its test-time adaptation; "
-             "use 'source'"),
+    ("tent", ("strategy 'tent' does not apply to this maml model: its inner loop on the support set is its test-time "
+              "adaptation; use 'source'")),
 ])
 def test_the_maml_family_refuses_bn_and_tent(strategy, message):
     method = build_method("maml", ways=3, hidden=4).eval()

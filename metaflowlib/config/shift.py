@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import Field, ValidationInfo, model_validator
 
 from metaflowlib.config.base import Key, Setting, Strict, check_task_shape, settings_of
-from metaflowlib.config.common import ShiftTent  # with the shared sections: the stages that log a few-shot model read it
+from metaflowlib.config.common import ShiftTent
 from metaflowlib.data.corruptions import CORRUPTIONS
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
+
 from metaflowlib.errors import PayloadError
 from metaflowlib.serving.log import log_code_model, strategy_params
 from metaflowlib.serving.model import RefusedPayload
