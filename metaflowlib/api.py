@@ -4,6 +4,7 @@
     learner = load_production("omniglot-vinyals-protonet")        # the registered pyfunc model, no pickle
     classifier = learner.adapt(support_images, support_labels)      # one few-shot task
     classifier.predict(query_images), classifier.predict_proba(query_images)
+    learner.predict_folders("support/", "query/", strategy="bn")    # support/<class>/<images>, query/**/<images>
 
 Every answer comes from the registered pyfunc model's own `predict` (metaflowlib.serving: the
 payload contract, adaptation to the support set, labels), so it is the answer `mlflow models
@@ -15,6 +16,7 @@ The store is `tracking_uri`, else $MLFLOW_TRACKING_URI, else params' default
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -48,33 +50,48 @@ def use_store(tracking_uri: str | None = None) -> str:
 class TaskClassifier:
     """One few-shot task: its support set, fixed; each predict call sends support + queries to the model.
 
-    The served model adapts omega to the support set per request (theta_i), and the MAML
-    family's transductive BatchNorm uses the query batch, so queries predicted together
-    get exactly the served answer. Construction checks the task with one predict call on
-    the support images: a support set the model refuses (malformed, or N classes its
+    Images: uint8 [N, H, W] (grayscale) or [N, H, W, 3] (RGB) of any size, or a list of such images of
+    different sizes (fitted to the model's format here); labels: integers 0..N-1 or class names, which
+    `predict` then answers with (`classes`: the class of each probability column, names sorted).
+    The served model adapts omega to the support set per request (theta_i) under `strategy`
+    (source, bn, tent), and the MAML family's transductive BatchNorm uses the query batch, so queries
+    predicted together get exactly the served answer. Construction checks the task with one predict
+    call on the support images: a support set the model refuses (malformed, or N classes its
     fixed N-way head does not have) fails here, with the contract's PayloadError.
     """
 
-    def __init__(self, model: FewShotModel, support_images: Any, support_labels: Any) -> None:
-        self._model = model
-        self.support_images, self.support_labels = _array(support_images), _array(support_labels)
-        self.ways = int(self.predict_proba(self.support_images).shape[1])
+    def __init__(self, model: FewShotModel, support_images: Any, support_labels: Any, strategy: str = "source") -> None:
+        self._model, self.strategy = model, strategy
+        self.support_images = _images(model, support_images, "support_images")
+        self.support_labels = np.ascontiguousarray(support_labels)
+        self.classes = self._answer(self.support_images)["classes"]
+        self.ways = len(self.classes)
 
     def _answer(self, query_images: Any) -> dict[str, np.ndarray]:
-        payload = {"support_images": self.support_images, "support_labels": self.support_labels, "query_images": _array(query_images)}
-        return self._model.predict(None, payload)
+        payload = {"support_images": self.support_images, "support_labels": self.support_labels,
+                   "query_images": _images(self._model, query_images, "query_images")}
+        return self._model.predict(None, payload, {"strategy": self.strategy})
 
     def predict(self, query_images: Any) -> np.ndarray:
-        """Labels 0..ways-1 of the queries, uint8 [Q, H, W] (0 = ink, 255 = paper): int64 [Q]."""
+        """The class of each query: [Q], of the support labels' kind (int64 0..ways-1, or names)."""
         return self._answer(query_images)["labels"]
 
     def predict_proba(self, query_images: Any) -> np.ndarray:
-        """Class probabilities of the queries: float32 [Q, ways]."""
+        """Class probabilities of the queries: float32 [Q, ways], columns in the order of `classes`."""
         return self._answer(query_images)["probabilities"]
 
 
-def _array(values: Any) -> np.ndarray:
-    """As an array in C order (torch refuses a reversed or strided numpy view); the contract checks the rest."""
+def _images(model: FewShotModel, values: Any, name: str) -> np.ndarray:
+    """As an array in C order (torch refuses a reversed or strided numpy view); a list of images of different
+    sizes or layouts is fitted to the model's format first. The contract checks the rest."""
+    from metaflowlib.data.preprocess import fit_images
+    from metaflowlib.errors import PayloadError
+
+    if isinstance(values, (list, tuple)) and len({np.shape(v) for v in values}) > 1:
+        try:
+            return fit_images(values, model.format)
+        except ValueError as error:
+            raise PayloadError(f"{name}: {error}") from None
     return np.ascontiguousarray(values)
 
 
@@ -84,9 +101,27 @@ class FewShotLearner:
     def __init__(self, model: FewShotModel, version: registry.VersionInfo) -> None:
         self._model, self.version = model, version
 
-    def adapt(self, support_images: Any, support_labels: Any) -> TaskClassifier:
-        """A classifier for the task of this support set: uint8 [S, H, W], int labels using every class 0..N-1."""
-        return TaskClassifier(self._model, support_images, support_labels)
+    def adapt(self, support_images: Any, support_labels: Any, strategy: str = "source") -> TaskClassifier:
+        """A classifier for the task of this support set (see TaskClassifier), adapting under `strategy`."""
+        return TaskClassifier(self._model, support_images, support_labels, strategy)
+
+    def predict_folders(self, support_dir: str | Path, query_dir: str | Path, strategy: str = "source") -> list[dict[str, Any]]:
+        """Label every image under `query_dir` with the task of `support_dir` (one subfolder per class, named by
+        it): [{file, class, probability, probabilities: {class: p}}] in file order. A folder that cannot make a
+        task is a DataError naming it (metaflowlib.serving.folders)."""
+        from metaflowlib.data.preprocess import fit_images
+        from metaflowlib.serving.folders import read_query, read_support
+
+        fmt = self._model.format
+        support, names = read_support(support_dir, fmt.channels)
+        files, query = read_query(query_dir, fmt.channels)
+        payload = {"support_images": fit_images(support, fmt), "support_labels": np.array(names),
+                   "query_images": fit_images(query, fmt)}
+        answer = self._model.predict(None, payload, {"strategy": strategy})
+        classes = [str(c) for c in answer["classes"]]
+        return [{"file": str(path), "class": str(label), "probability": float(p.max()),
+                 "probabilities": dict(zip(classes, (float(v) for v in p), strict=True))}
+                for path, label, p in zip(files, answer["labels"], answer["probabilities"], strict=True)]
 
 
 def load_production(name: str, tracking_uri: str | None = None) -> FewShotLearner:

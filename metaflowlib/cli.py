@@ -1,4 +1,4 @@
-"""`metaflowlib`: check params, browse the registry, promote behind the gate, roll back.
+"""`metaflowlib`: check params, browse the registry, predict from folders, promote behind the gate, roll back.
 
 Expected failures (bad params, missing data, registry refusals) print one
 line `error: ...` and exit 2; only bugs show a traceback.
@@ -7,6 +7,7 @@ line `error: ...` and exit 2; only bugs show a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from metaflowlib.entry import run_guarded
@@ -69,13 +70,21 @@ def _headline(version, gate_metric: str) -> str:
     return f"{metric} {value:.4f}" + ("" if gated else " (no gate metric)")
 
 
+def _version(name: str, version: str | None):
+    """A version by number or @alias, default production: `models show` and `predict` alike."""
+    from metaflowlib import registry
+
+    info = registry.get_version(name, version) if version else registry.get_alias(name)
+    if info is None:
+        raise MetaflowError(f"{name} has no production version; pass a version number")
+    return info
+
+
 def cmd_models_show(args: argparse.Namespace) -> None:
     from metaflowlib import registry
 
     params = _configure(args)
-    info = registry.get_version(args.name, args.version) if args.version else registry.get_alias(args.name)
-    if info is None:
-        raise MetaflowError(f"{args.name} has no production version; pass a version number")
+    info = _version(args.name, args.version)
     print(f"{info.name} v{info.version} aliases={info.aliases} run={info.run_id}")
     print(info.description)
     print(f"evaluation: {_headline(info, params.registry.gate_metric)}")
@@ -88,6 +97,23 @@ def cmd_models_show(args: argparse.Namespace) -> None:
         print(f"  {evaluation.run_name} (run {evaluation.run_id})")
         for key, value in evaluation.metrics.items():
             print(f"    {key}: {value:.4f}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    """One few-shot task from folders: a line per query image (path, class, probability), or JSON."""
+    import mlflow
+
+    from metaflowlib import api
+
+    _configure(args)
+    info = _version(args.name, args.version)
+    learner = api.load_version(info.name, info.version, tracking_uri=mlflow.get_tracking_uri())
+    answers = learner.predict_folders(args.support, args.query, strategy=args.strategy)
+    if args.json:
+        print(json.dumps(answers, indent=2))
+        return
+    for answer in answers:
+        print(f"{answer['file']}\t{answer['class']}\t{answer['probability']:.4f}")
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
@@ -119,6 +145,15 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("name")
     show.add_argument("version", nargs="?", help="a version number or @alias")
     show.set_defaults(func=cmd_models_show)
+
+    predict = commands.add_parser("predict", help="label query images with a few-shot task read from folders")
+    predict.add_argument("name")
+    predict.add_argument("version", nargs="?", help="a version number or @alias (default: production)")
+    predict.add_argument("--support", required=True, help="one subfolder per class (its name), images inside")
+    predict.add_argument("--query", required=True, help="the images to label (at any depth)")
+    predict.add_argument("--strategy", default="source", help="test-time adaptation: source (default), bn or tent")
+    predict.add_argument("--json", action="store_true", help="a JSON list of {file, class, probability, probabilities}")
+    predict.set_defaults(func=cmd_predict)
 
     promote = commands.add_parser("promote", help="move 'production' to a version that beats the current one")
     promote.add_argument("name")

@@ -51,6 +51,7 @@ RUN_HERE = {
 PIPELINE = "tests/test_pipeline.py::test_dvc_repro_trains_evaluates_registers_and_serves"
 SERVER = "tests/test_serving_http.py::test_served_model_labels_new_classes_with_the_code_it_ships"
 CI = "tests/test_readme.py::test_ci_runs_the_readmes_install_and_test_commands"
+PREDICT = "tests/test_cli.py::test_predict_labels_query_folders_as_text_and_json"
 INSTALLED = "tests/test_readme.py::test_the_package_and_its_script_are_installed"
 COVERED_ELSEWHERE = {
     "pip install torch==2.13.0": (CI, ("pip install torch==2.13.0",)),
@@ -64,8 +65,12 @@ COVERED_ELSEWHERE = {
     f"MLFLOW_TRACKING_URI=sqlite:///mlflow.db mlflow models serve -m models:/{MODEL}@production --env-manager local -p 5001":
         (SERVER, ("mlflow", "models", "serve", "@production", "--env-manager", "local")),
     ("curl -s localhost:5001/invocations -H 'Content-Type: application/json' -d "
-     "'{\"inputs\": {\"support_images\": [...], \"support_labels\": [...], \"query_images\": [...]}}'"):
+     "'{\"inputs\": {\"support_images\": [...], \"support_labels\": [...], \"query_images\": [...]}, "
+     "\"params\": {\"strategy\": \"bn\"}}'"):
         (SERVER, ("/invocations", "inputs")),
+    f"metaflowlib predict {MODEL} --support support/ --query query/": (PREDICT, ("predict", "--support", "--query")),
+    f"metaflowlib predict {MODEL} @production --support support/ --query query/ --strategy tent --json":
+        (PREDICT, ("predict", "@production", "--strategy", "tent", "--json")),
 }
 
 

@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import torch
 
+from metaflowlib.data.preprocess import ImageFormat
 from metaflowlib.errors import PayloadError
-from metaflowlib.methods import ProtoNet
-from metaflowlib.serving.contract import predict_task, validate_payload
+from metaflowlib.methods import ProtoNet, build_method
+from metaflowlib.serving.contract import TentOptions, image_format_of, predict_task, validate_payload
 
 from conftest import class_images
 
@@ -25,7 +26,15 @@ def payload(**changes):
     ({"support_labels": np.arange(7) % 3}, r"support_labels must have shape \[6\]"),
     ({"support_labels": np.array([0, 0, 1, 1, 3, 3])}, "every class 0..N-1"),
     ({"support_labels": np.zeros(6, int)}, "N >= 2"),
-    ({"support_labels": np.array([0.0, 0, 1, 1, 2, 2])}, "must be integers"),
+    ({"support_labels": np.array([0.0, 0, 1, 1, 2, 2])}, "must be integers 0..N-1 or class names"),
+    ({"support_labels": np.array([True, False] * 3)}, "must be integers 0..N-1 or class names .* got bool"),
+    ({"support_labels": np.array(["a", "a", "b", "b", "", "c"])}, "support_labels has an empty class name at index 4"),
+    ({"support_labels": np.array(["cat"] * 6)}, r"support_labels must name at least 2 classes, got only \['cat'\]"),
+    ({"support_images": np.zeros((6, 28, 28, 4), np.uint8)}, r"support_images has 4 channels \(\[6, 28, 28, 4\]\): send grayscale"),
+    ({"query_images": np.zeros((6, 28, 28, 1), np.uint8)}, r"query_images has 1 channels"),
+    ({"query_images": np.zeros((6, 28, 28, 3), np.uint8)},
+     r"support_images are grayscale \[6, 28, 28\] but query_images are RGB \[6, 28, 28, 3\]: send both in one layout"),
+    ({"query_images": [np.zeros((28, 28), np.uint8), np.zeros((28, 28, 3), np.uint8)]}, "query_images is not a rectangular array"),
     ({"query_images": np.zeros((20001, 2, 2), np.uint8)}, "too large"),
     ({"extra": 1}, "unknown keys"),
     ({"support_images": np.full((6, 28, 28), np.nan)}, "support_images must be uint8"),  # NaN can only come as floats
@@ -59,7 +68,7 @@ def test_missing_keys_and_non_dict():
 def test_predict_task_labels_new_classes_from_the_support_set():
     torch.manual_seed(0)
     method = ProtoNet(hidden=16).eval()
-    out = predict_task(method, payload(), image_size=28, device=torch.device("cpu"))
+    out = predict_task(method, payload(), fmt=28, device=torch.device("cpu"))
     assert out["labels"].shape == (6,) and out["probabilities"].shape == (6, 3)
     assert np.allclose(out["probabilities"].sum(1), 1, atol=1e-5)
     assert (out["labels"] == np.repeat(np.arange(3), 2)).mean() >= 5 / 6  # separable classes, even untrained
@@ -68,7 +77,7 @@ def test_predict_task_labels_new_classes_from_the_support_set():
 def test_any_image_size_is_resized_by_the_model():
     big = payload()
     big = {k: (np.kron(v, np.ones((1, 2, 2), np.uint8)) if k.endswith("images") else v) for k, v in big.items()}
-    out = predict_task(ProtoNet(hidden=8).eval(), big, image_size=28, device=torch.device("cpu"))
+    out = predict_task(ProtoNet(hidden=8).eval(), big, fmt=28, device=torch.device("cpu"))
     assert out["labels"].shape == (6,)
 
 
@@ -85,4 +94,84 @@ def test_fixed_head_model_refuses_other_numbers_of_classes():
 
     method = build_method("maml", ways=5, hidden=4).eval()
     with pytest.raises(PayloadError, match="classifies 5 classes per task; the support set has 3"):
-        predict_task(method, payload(), image_size=28, device=torch.device("cpu"))
+        predict_task(method, payload(), fmt=28, device=torch.device("cpu"))
+
+
+RGB = ImageFormat(channels=3, image_size=28, ink_on_paper=False, mean=(0.5,) * 3, std=(0.25,) * 3)
+CPU = torch.device("cpu")
+
+
+def rgb_task(size=(40, 30)) -> dict:
+    """payload() as RGB photographs of another size (each class a tint), labelled by class names."""
+    task = payload()
+    tint = np.array([[1.0, 0.6, 0.3], [0.3, 1.0, 0.6], [0.6, 0.3, 1.0]])
+    names = np.array(["zebra", "apple", "mango"])  # not in sorted order: the columns are sorted names
+
+    def colour(images, labels):
+        resized = np.stack([np.kron(im, np.ones((2, 2), np.uint8))[: size[0], : size[1]] for im in images])
+        return (resized[..., None] * tint[labels][:, None, None, :]).astype(np.uint8)
+
+    labels = task["support_labels"]
+    return {"support_images": colour(task["support_images"], labels), "support_labels": names[labels],
+            "query_images": colour(task["query_images"], labels)}
+
+
+def test_rgb_images_of_any_size_and_class_names_in_names_out():
+    torch.manual_seed(0)
+    method = ProtoNet(in_channels=3, hidden=16).eval()
+    out = predict_task(method, rgb_task(), RGB, CPU)
+    assert out["classes"].tolist() == ["apple", "mango", "zebra"]  # sorted: the column of each probability
+    assert out["probabilities"].shape == (6, 3) and out["labels"].shape == (6,)
+    assert out["labels"].tolist() == out["classes"][out["probabilities"].argmax(1)].tolist()
+    assert (out["labels"] == np.repeat(["zebra", "apple", "mango"], 2)).mean() >= 5 / 6
+
+
+def test_grayscale_and_rgb_are_converted_to_the_models_channels():
+    torch.manual_seed(0)
+    gray_model, rgb_model = ProtoNet(hidden=8).eval(), ProtoNet(in_channels=3, hidden=8).eval()
+    task = payload()
+    as_rgb = {k: (np.repeat(v[..., None], 3, axis=3) if k.endswith("images") else v) for k, v in task.items()}
+    assert np.allclose(predict_task(gray_model, as_rgb, 28, CPU)["probabilities"],  # RGB gray -> luma: the same pixels
+                       predict_task(gray_model, task, 28, CPU)["probabilities"], atol=1e-6)
+    out = predict_task(rgb_model, task, RGB, CPU)
+    assert out["classes"].tolist() == [0, 1, 2] and out["labels"].dtype == np.int64
+
+
+def test_image_format_of_reads_the_stored_format_else_ink_on_paper():
+    assert image_format_of({"extra": {"image_size": 28, "image_format": RGB.to_dict()}}) == RGB
+    assert image_format_of({"extra": {"image_size": 84}}) == ImageFormat.ink(84)  # omegas saved before formats were
+
+
+def test_strategies_adapt_a_copy_so_every_request_starts_from_the_registered_weights():
+    torch.manual_seed(0)
+    method = ProtoNet(hidden=8).eval()
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    task, tent = payload(), TentOptions(steps=3, lr=0.05)
+    answers = {s: predict_task(method, task, 28, CPU, s, tent)["probabilities"] for s in ("source", "bn", "tent")}
+    assert not np.allclose(answers["source"], answers["bn"]) and not np.allclose(answers["bn"], answers["tent"])
+    assert np.array_equal(predict_task(method, task, 28, CPU, "tent", tent)["probabilities"], answers["tent"])
+    assert np.array_equal(predict_task(method, task, 28, CPU, "source")["probabilities"], answers["source"])
+    assert all(torch.equal(v, before[k]) for k, v in method.state_dict().items())
+
+
+@pytest.mark.parametrize("strategy,message", [
+    ("bn", "strategy 'bn' does not apply to this maml model: it already normalizes with each task's own batch statistics; use 'source'"),
+    ("tent", ("strategy 'tent' does not apply to this maml model: its inner loop on the support set is its test-time "
+              "adaptation; use 'source'")),
+])
+def test_the_maml_family_refuses_bn_and_tent(strategy, message):
+    method = build_method("maml", ways=3, hidden=4).eval()
+    with pytest.raises(PayloadError) as refused:
+        predict_task(method, payload(), 28, CPU, strategy)
+    assert str(refused.value) == message
+    assert predict_task(method, payload(), 28, CPU, "source")["labels"].shape == (6,)
+
+
+@pytest.mark.parametrize("strategy,changes,message", [
+    ("ttt", {}, "unknown strategy 'ttt'; known: source, bn, tent"),
+    (None, {}, "unknown strategy None; known: source, bn, tent"),
+    ("bn", {"query_images": np.zeros((1, 28, 28), np.uint8)}, "strategy 'bn' adapts to the query batch and needs at least 2"),
+])
+def test_unknown_strategies_and_a_single_query_to_adapt_on_are_refused(strategy, changes, message):
+    with pytest.raises(PayloadError, match=message):
+        predict_task(ProtoNet(hidden=8).eval(), payload(**changes), 28, CPU, strategy)

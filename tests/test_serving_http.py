@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import ROOT
 from test_registry import NAME, new_version
-from test_serving import payload
+from test_serving import payload, rgb_task
 
 from metaflowlib import registry
 from metaflowlib.errors import PayloadError
@@ -152,13 +152,13 @@ def test_mlflow_models_predict_works_without_the_project(store, no_checkout):
 @pytest.mark.parametrize("changes,message", [
     ({"support_images": np.full((6, 28, 28), 0.5)}, "support_images must be uint8 (0 = ink, 255 = paper), got float64"),
     ({"query_images": np.full((6, 28, 28), 300)}, "query_images must be uint8 (0 = ink, 255 = paper), got int64 values in [300, 300]"),
-    ({"support_labels": np.arange(6) % 3 + 0.5}, "support_labels must be integers, got float64"),
+    ({"support_labels": np.arange(6) % 3 + 0.5}, "support_labels must be integers 0..N-1 or class names (strings), got float64"),
     ({"extra": 1}, "payload has unknown keys ['extra']; expected keys ['support_images', 'support_labels', 'query_images']"),
-    ({"query_images": None}, "query_images must have shape [count, height, width] with no empty axis, got []"),
-    ({"query_images": np.zeros((6, 28), np.uint8)}, "query_images must have shape [count, height, width] with no empty axis, got [6, 28]"),
+    ({"query_images": None}, "query_images must have shape [count, height, width] or [count, height, width, 3] with no empty axis, got []"),
+    ({"query_images": np.zeros((6, 28), np.uint8)}, "query_images must have shape [count, height, width] or [count, height, width, 3] with no empty axis, got [6, 28]"),
     ({"support_labels": np.array([0, 0, 1, 1, 3, 3])}, "support_labels must use every class 0..N-1 with N >= 2, got classes [0, 1, 3]"),
     ({"support_labels": np.arange(5) % 3}, "support_labels must have shape [6] (one per support image), got [5]"),
-    ({"support_images": []}, "support_images must have shape [count, height, width] with no empty axis, got [0]"),
+    ({"support_images": []}, "support_images must have shape [count, height, width] or [count, height, width, 3] with no empty axis, got [0]"),
     ({"support_labels": []}, "support_labels must have shape [6] (one per support image), got [0]"),
     ({"query_images": np.zeros((20001, 1, 1), np.uint8)}, "query_images too large: [20001, 1, 1] (at most 20000 images of side <= 1024)"),
     ({"support_images": np.zeros((6, 1, 1025), np.uint8)}, "support_images too large: [6, 1, 1025] (at most 20000 images of side <= 1024)"),
@@ -177,6 +177,20 @@ def test_missing_keys_and_non_dict_inputs(server):
     status, answer = post(server, {"inputs": [[1, 2], [3, 4]]})
     assert status == 400 and answer["message"] == "payload must be a dict with keys " \
         "['support_images', 'support_labels', 'query_images'], got ndarray"
+
+
+def test_rgb_photographs_named_classes_and_the_strategy_param(store, server):
+    """Contract v2 over HTTP: RGB images of another size to a grayscale model, class names, params {"strategy"}."""
+    task = rgb_task()
+    local = registry.load_production(NAME)
+    for strategy in ("tent", "bn"):
+        status, answer = post(server, {"inputs": as_json(task), "params": {"strategy": strategy}})
+        expected = local.predict(task, params={"strategy": strategy})
+        assert status == 200 and answer["predictions"]["classes"] == ["apple", "mango", "zebra"]
+        assert answer["predictions"]["labels"] == expected["labels"].tolist()
+        assert np.allclose(answer["predictions"]["probabilities"], expected["probabilities"], atol=1e-5)
+    status, answer = post(server, {"inputs": as_json(task), "params": {"strategy": "ttt"}})
+    assert (status, answer["message"]) == (400, "unknown strategy 'ttt'; known: source, bn, tent")
 
 
 def test_the_server_still_answers_after_refusals(server):

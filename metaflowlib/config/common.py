@@ -15,6 +15,14 @@ MethodBudgets = budgets_type(EpisodeBudget, {"episodes": 2000}, {"episodes": 300
 PretrainBudgets = budgets_type(EpochBudget, {"epochs": 8, "seconds": 600}, {"epochs": 40})
 
 
+class ShiftTent(Strict):
+    """shift.tent: TENT inside one few-shot task, the task the only test batch, so updates must pay off on it (the
+    shift@ stages, and the `tent` strategy of served few-shot models)."""
+
+    steps: int = Field(3, ge=1)
+    lr: float = Field(0.01, gt=0)  # Adam; the reference's 1 step at 1e-3 would return the BN logits unchanged
+
+
 class DataParams(Strict):
     dataset: Literal["omniglot", "custom"] = "omniglot"
     protocol: Literal["vinyals", "lake"] = "vinyals"

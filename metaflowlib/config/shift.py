@@ -6,14 +6,8 @@ from __future__ import annotations
 from pydantic import Field, ValidationInfo, model_validator
 
 from metaflowlib.config.base import Key, Setting, Strict, check_task_shape, settings_of
+from metaflowlib.config.common import ShiftTent
 from metaflowlib.data.corruptions import CORRUPTIONS
-
-
-class ShiftTent(Strict):
-    """TENT inside one few-shot task: the task is the only test batch, so updates must pay off on it."""
-
-    steps: int = Field(3, ge=1)
-    lr: float = Field(0.01, gt=0)  # Adam; the reference's 1 step at 1e-3 would return the BN logits unchanged
 
 
 class ShiftParams(Strict):

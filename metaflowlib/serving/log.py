@@ -48,9 +48,20 @@ def label_outputs():
     ])
 
 
-def log_code_model(artifacts: dict[str, str], model_signature, input_example: dict, name: str = "model") -> str:
+def strategy_params():
+    """The inference param `strategy` (default 'source': the registered weights as they are), which the few-shot
+    models and the TTA classifiers take: `predict(data, params={"strategy": "tent"})`, over HTTP
+    `{"inputs": ..., "params": {"strategy": "tent"}}`. The wrapper refuses a strategy it does not know."""
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    return ParamSchema([ParamSpec("strategy", "string", "source")])
+
+
+def log_code_model(artifacts: dict[str, str], model_signature, input_example: dict, name: str = "model",
+                   model_config: dict | None = None) -> str:
     """Log one artifact directory (its name picks the wrapper, see serving.model) as a pyfunc model into the
-    active run; returns the model URI.
+    active run; returns the model URI. `model_config` (JSON-able: the wrapper's serving options) reaches the
+    wrapper as `context.model_config`.
 
     The `metaflowlib` package goes with it (MLflow puts the model's `code/` first on sys.path when
     it loads), so `mlflow models serve` works where this project is not installed."""
@@ -64,6 +75,7 @@ def log_code_model(artifacts: dict[str, str], model_signature, input_example: di
         signature=model_signature,
         input_example=input_example,
         pip_requirements=requirements(),
+        model_config=model_config,
     )
     return info.model_uri
 
