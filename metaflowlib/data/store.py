@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,7 +26,8 @@ def _open_split(prepared_dir: str | Path, split: str):
 
 def _decode_pngs(column, where: Path) -> np.ndarray:
     """A `datasets.Image()` column of same-size PNGs -> one uint8 [M, S, S] or [M, S, S, 3] array, decoded by PIL
-    straight from the Arrow bytes: ~20x faster than datasets' per-row PIL objects (bench/prepared_decode.py)."""
+    straight from the Arrow bytes into one preallocated array: no per-row formatting and no list of arrays to stack
+    (bench/prepared_decode.py: ~0.3 ms an 84x84 RGB image on 2 cores, a little faster than datasets' own decoding)."""
     import io
 
     from PIL import Image
