@@ -338,8 +338,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     p = load_params(args.params)
     device = torch.device("cpu")
-    train_pool = load_pool(args.prepared, "train", p.data.image_size, device)
-    val_pool = load_pool(args.prepared, "val", p.data.image_size, device)
+    train_pool = load_pool(args.prepared, "train", device)
+    val_pool = load_pool(args.prepared, "val", device)
     episode = next(EpisodeSampler(train_pool, WAYS, SHOTS, QUERIES, TASKS, seed=p.seed + 7))
     kinds = {p.methods[k].kind: k for k in p.methods}
     start = time.perf_counter()

@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     p = load_params(ROOT / "params.yaml")
-    pool = load_pool(ROOT / "data" / "prepared", "test", p.data.image_size, torch.device("cpu"))
+    pool = load_pool(ROOT / "data" / "prepared", "test", torch.device("cpu"))
     indices = fixed_episodes(pool, p.evaluate.tasks, 5, 1, p.evaluate.queries, p.evaluate.seed)
     accuracies, rows = {}, {}
     for key in args.keys:

@@ -400,8 +400,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    train_pool = load_pool(args.data, "train", IMAGE_SIZE, device)
-    val_pool = load_pool(args.data, "val", IMAGE_SIZE, device)
+    train_pool = load_pool(args.data, "train", device)
+    val_pool = load_pool(args.data, "val", device)
     val_indices = fixed_episodes(val_pool, args.val_tasks, WAYS, SHOTS, QUERIES, args.val_seed)
     started = time.perf_counter()
     results = {

@@ -56,8 +56,8 @@ def main() -> None:
     seed_everything(0)
     base = ParameterPredictor(hidden=embedding.config()["hidden"], image_size=size).to(device)
     base.embedding.load_state_dict(embedding.embedding.state_dict())
-    train = embed_pool(base.eval(), load_pool(prepared, "train", size, device), None)
-    test = embed_pool(base, load_pool(prepared, "test", size, device), None)
+    train = embed_pool(base.eval(), load_pool(prepared, "train", device), None)
+    test = embed_pool(base, load_pool(prepared, "test", device), None)
 
     def scores(method) -> dict[str, float]:
         return {name: round(100 * evaluate_setting(method.eval(), test, test, ways, shots, 15, args.test_tasks, 2017, 50, None).accuracy, 2)

@@ -37,8 +37,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=2017)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    method, config = load_meta_knowledge(args.model)
-    pool = load_pool(ROOT / "data" / "prepared", "test", config["extra"]["image_size"], torch.device("cpu"))
+    method, _ = load_meta_knowledge(args.model)
+    pool = load_pool(ROOT / "data" / "prepared", "test", torch.device("cpu"))
     indices = fixed_episodes(pool, args.tasks, 5, 1, 15, args.seed)
     per_steps, rows = {}, {}
     for steps in args.steps:

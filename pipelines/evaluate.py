@@ -34,7 +34,7 @@ def main() -> None:
     seed_everything(p.seed)
     train = read_json(ROOT / declared("evaluate", "runs/*/train.json", key=key))
     method, _ = load_meta_knowledge(ROOT / declared("evaluate", "models/*", key=key), device)
-    pool = load_pool(PREPARED, "test", p.data.image_size, device)
+    pool = load_pool(PREPARED, "test", device)
     report = evaluate_protocol(
         method, pool, p.settings(), episodes=e.tasks, queries=e.queries, seed=e.seed, batch_tasks=e.batch_tasks,
         dtype=dtype, shots_curve=e.shots_curve, timing_tasks=e.timing_tasks,

@@ -48,7 +48,7 @@ def main() -> None:
     references = recorded(p, ROOT, "finetune")
     optimizer = references[LEARNED]
     net = unwrap_registered(optimizer["uri"], LearnedOptimizerModel).net.to(device).eval()
-    pool = load_pool(PREPARED, "test", p.data.image_size, device)
+    pool = load_pool(PREPARED, "test", device)
     ways, shots = p.settings_of(f.setting)
     report = {"optimizer": {"name": optimizer["name"], "version": optimizer["version"]}, "setting": f.setting,
               "tasks": f.tasks, "methods": {}}

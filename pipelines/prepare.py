@@ -6,15 +6,19 @@ from _stage import PREPARED, ROOT, params, run_guarded
 
 from metaflowlib.config import Params
 from metaflowlib.data.omniglot import find_source, load_omniglot, vinyals_split_dir
-from metaflowlib.data.prepare import custom_splits, lake_splits, load_image_dataset, save_splits, vinyals_splits
+from metaflowlib.data.prepare import (custom_format, custom_splits, lake_splits, load_image_dataset, save_splits,
+                                      vinyals_splits)
+from metaflowlib.data.preprocess import ImageFormat
 
 
 def prepare(p: Params) -> dict:
+    """Write data/prepared; return what its info.json holds."""
     data = p.data
     if data.dataset == "custom":
-        images, labels, names = load_image_dataset(data.custom_source)
-        splits = custom_splits(images, labels, names, data.image_size, data.split_fractions, data.split_seed)
-        origin = data.custom_source
+        loaded = load_image_dataset(data.custom_source, data.image_size, data.channels)
+        splits = custom_splits(loaded.images, loaded.labels, loaded.class_names, data.image_size, data.split_fractions,
+                               data.split_seed)
+        origin, fmt, extra = data.custom_source, custom_format(splits["train"]), {"conversions": loaded.conversions}
     else:
         root = find_source(data.source, ROOT)
         sets = load_omniglot(root, ROOT / "data" / "downloads", verify=data.verify_checksums)
@@ -23,16 +27,17 @@ def prepare(p: Params) -> dict:
             splits = vinyals_splits(sets, split_dir, data.image_size)
         else:
             splits = lake_splits(sets, data.image_size, data.lake_val_alphabets)
-        origin = str(root) if root else "official download"
-    info = {"dataset": data.name, "source": origin, "image_size": data.image_size, "verified": data.verify_checksums}
-    save_splits(splits, PREPARED, info)
-    return {name: (len(s.class_names), len(s.labels)) for name, s in splits.items()}
+        origin, fmt, extra = str(root) if root else "official download", ImageFormat.ink(data.image_size), {}
+    info = {"dataset": data.name, "source": origin, "image_size": data.image_size, "verified": data.verify_checksums,
+            "format": fmt.to_dict(), **extra}
+    return save_splits(splits, PREPARED, info, as_png=data.dataset == "custom")
 
 
 def main() -> None:
-    counts = prepare(params())
-    summary = ", ".join(f"{name} {c} classes/{n} images" for name, (c, n) in counts.items())
-    print(f"prepare: wrote {PREPARED.relative_to(ROOT)} ({summary})")
+    info = prepare(params())
+    summary = ", ".join(f"{name} {s['classes']} classes/{s['examples']} images" for name, s in info["splits"].items())
+    converted = "".join(f", {key} {n}" for key, n in info.get("conversions", {}).items())
+    print(f"prepare: wrote {PREPARED.relative_to(ROOT)} ({summary}; {info['format']['channels']} channel(s){converted})")
 
 
 if __name__ == "__main__":

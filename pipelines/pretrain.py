@@ -53,7 +53,7 @@ def main() -> None:
                          image_size=config["image_size"]).to(device)
     if p.train.channels_last:
         embedding = embedding.to(memory_format=torch.channels_last)
-    train_pool, val_pool = (load_pool(PREPARED, split, p.data.image_size, device) for split in ("train", "val"))
+    train_pool, val_pool = (load_pool(PREPARED, split, device) for split in ("train", "val"))
     nearest_centroid = validation_accuracy(val_pool, ways=v.ways, shots=v.shots, queries=v.queries, tasks=v.tasks,
                                            seed=p.seed + 1, batch_tasks=p.evaluate.batch_tasks, dtype=dtype)
     checkpoints = Checkpoints.of(ROOT, f"{key}/pretrain", {

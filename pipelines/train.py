@@ -48,7 +48,7 @@ def train(p: Params, key: str, group: distributed.Distributed | None) -> None:
     device = resolve_device(p.device) if group is None else group.device
     budget, dtype = mp.budget_in(p.profile), resolve_precision(p.train.precision, device)
     seed_everything(p.seed)
-    train_pool, val_pool = (load_pool(PREPARED, split, p.data.image_size, device) for split in ("train", "val"))
+    train_pool, val_pool = (load_pool(PREPARED, split, device) for split in ("train", "val"))
     method = mp.build(p.data.image_size).to(device)
     pretrained = load_pretrained(method, key)
     if p.train.channels_last:

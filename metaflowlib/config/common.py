@@ -29,6 +29,7 @@ class DataParams(Strict):
     source: str | None = None  # data root; None -> $METAFLOWLIB_DATA, ../shared/data, then the official download
     custom_source: str | None = None  # dataset=custom: a Hugging Face dataset id or an imagefolder directory
     image_size: int = Field(28, ge=8, le=512)
+    channels: Literal[1, 3] | None = None  # None -> chosen by the data: Omniglot 1; custom 3 if any image has colour
     lake_val_alphabets: int = Field(5, ge=1)
     split_fractions: tuple[float, float, float] = (0.6, 0.15, 0.25)
     split_seed: int = 0
@@ -38,6 +39,8 @@ class DataParams(Strict):
     def _consistent(self) -> DataParams:
         if self.dataset == "custom" and not self.custom_source:
             raise ValueError("dataset 'custom' needs custom_source (a Hugging Face dataset id or an imagefolder directory)")
+        if self.dataset == "omniglot" and self.channels == 3:
+            raise ValueError("Omniglot is grayscale ink on paper: channels must be 1 or null for dataset 'omniglot'")
         if any(f <= 0 for f in self.split_fractions) or abs(sum(self.split_fractions) - 1) > 1e-6:
             raise ValueError(f"split_fractions {self.split_fractions} must be positive and sum to 1")
         return self

@@ -7,20 +7,24 @@ Protocols:
   them, alphabetically, held out for validation), evaluation alphabets for
   testing, no rotation classes (Lake et al. 2015).
 - custom: any Hugging Face image-classification dataset id or `imagefolder`
-  directory; classes are shuffled by seed and cut into disjoint splits.
+  directory, images of any size and mode (brought to one side and 1 or 3
+  channels); classes are shuffled by seed and cut into disjoint splits.
 """
 
 from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+from PIL import Image
 
 from metaflowlib.data.omniglot import OmniglotSet
-from metaflowlib.data.preprocess import resize_uint8
+from metaflowlib.data.preprocess import ImageFormat, channel_statistics, resize_uint8
 from metaflowlib.errors import DataError
 from metaflowlib.io import atomic_path
 
@@ -29,7 +33,7 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class Split:
-    """uint8 images [M, S, S] (0 = ink), int labels [M] (0..C-1), and class names [C]."""
+    """uint8 images [M, S, S] (Omniglot: 0 = ink) or [M, S, S, 3] (RGB), int labels [M] (0..C-1), and class names [C]."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -111,15 +115,45 @@ def custom_splits(
     }
 
 
-def load_image_dataset(reference: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """A Hugging Face dataset id or `imagefolder` directory -> grayscale uint8 images [M, H, W], labels, class names.
+class ImageCollection(NamedTuple):
+    """A custom dataset at the prepared side: uint8 images [M, S, S] or [M, S, S, 3], int labels [M], class names,
+    and how many images were converted: `converted_mode` (to L or RGB), `resized` (to S x S)."""
 
-    Refused with a DataError naming the culprit: an unreadable image; images of different sizes (any
-    common size would be an arbitrary pick, silently distorting the others: resize them first); a class
-    with fewer than 2 images, an empty class folder included (no task can use it as support and query).
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    conversions: dict[str, int]
+
+
+SIXTEEN_BIT = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # PIL would clip these at 255 instead of scaling them
+
+
+def _rgb(image: Image.Image) -> np.ndarray:
+    """Any PIL mode as uint8 [H, W, 3]: transparency (RGBA, LA, PA, P with a transparent colour) composited over
+    white, as on paper or a web page; 16-bit grayscale scaled to 8 bits; the rest converted by PIL (CMYK, YCbCr...)."""
+    if image.mode in SIXTEEN_BIT:
+        gray = np.clip(np.round(np.asarray(image, dtype=np.float64) / 257), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))
+
+
+def _has_colour(rgb: np.ndarray) -> bool:
+    return bool((rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any())
+
+
+def load_image_dataset(reference: str, size: int, channels: int | None = None) -> ImageCollection:
+    """A Hugging Face dataset id or `imagefolder` directory of any image sizes and modes, each image brought to
+    `channels` (1: PIL's L, 3: RGB; None: 3 if any image has colour, i.e. a pixel with R != G or G != B after RGB
+    conversion, else 1) and resized to `size` x `size` (aspect kept, shorter side to `size`, centre crop) as it is
+    read, so no full-size image is kept. Transparent images are composited over white; 16-bit ones are scaled.
+
+    Refused with a DataError naming the culprit: an unreadable image; a class with fewer than 2 images, an empty
+    class folder included (no task can use it as support and query).
     """
     import datasets
-    from PIL import Image
 
     path = Path(reference).expanduser()
     try:
@@ -137,19 +171,6 @@ def load_image_dataset(reference: str) -> tuple[np.ndarray, np.ndarray, list[str
         raise DataError(f"{reference!r} holds no images")
     names = list(dataset.features[label_column].names)
     labels = np.asarray(dataset[label_column], dtype=np.int64)
-    arrays, first = [], ""
-    for index, item in enumerate(dataset.cast_column(image_column, datasets.Image(decode=False))[image_column]):
-        origin = item.get("path") or f"{reference!r} example {index}"
-        try:
-            with Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as image:
-                array = np.asarray(image.convert("L"))
-        except (OSError, ValueError) as error:  # PIL: unidentified or truncated file
-            raise DataError(f"{origin} is not a readable image: {error}") from None
-        if arrays and array.shape != arrays[0].shape:
-            raise DataError(f"{origin} is {array.shape[0]}x{array.shape[1]} pixels but {first} is "
-                            f"{arrays[0].shape[0]}x{arrays[0].shape[1]}: give every image one size")
-        first = first or origin
-        arrays.append(array)
     counts = np.bincount(labels, minlength=len(names))
     small = [f"{names[c]} ({counts[c]})" for c in np.flatnonzero(counts < 2)]
     if path.is_dir():  # imagefolder makes no class of a folder without images
@@ -157,27 +178,68 @@ def load_image_dataset(reference: str) -> tuple[np.ndarray, np.ndarray, list[str
                   if d.is_dir() and not d.name.startswith(".") and not any(f.is_file() for f in d.rglob("*"))]
     if small:
         raise DataError(f"{reference!r}: every class needs at least 2 images (1 shot + 1 query); too few: {', '.join(small[:10])}")
-    return np.stack(arrays), labels, names
+
+    stored = 1 if channels == 1 else 3  # channels None: read as RGB, reduced to one channel at the end if all gray
+    images = np.empty((len(dataset), size, size) if stored == 1 else (len(dataset), size, size, 3), np.uint8)
+    modes, resized, colour = Counter(), 0, False
+    rows = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+    for index, row in enumerate(rows):  # one image at a time: rows are read lazily from Arrow
+        item = row[image_column]
+        origin = item.get("path") or f"{reference!r} example {index}"
+        try:
+            with Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as image:
+                rgb = _rgb(image)
+                modes[image.mode] += 1
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # PIL: unidentified or truncated
+            raise DataError(f"{origin} is not a readable image: {error}") from None
+        colour = colour or (channels is None and _has_colour(rgb))
+        array = np.asarray(Image.fromarray(rgb).convert("L")) if stored == 1 else rgb
+        resized += array.shape[:2] != (size, size)
+        images[index] = resize_uint8(array[None], size)[0]
+    if channels is None and not colour:  # every image gray: its three channels are equal, before and after resizing
+        images, stored = np.ascontiguousarray(images[..., 0]), 1
+    converted = sum(n for mode, n in modes.items() if mode != ("L" if stored == 1 else "RGB"))
+    return ImageCollection(images, labels, names, {"converted_mode": converted, "resized": resized})
 
 
-def save_splits(splits: dict[str, Split], out_dir: Path, info: dict) -> None:
-    """Write every split as an Arrow dataset plus `info.json`, all or nothing."""
-    from datasets import Array2D, Dataset, Features, Value
+def custom_format(train: Split) -> ImageFormat:
+    """Photographs' model input: x / 255 standardized per channel by the train split's statistics (val and test
+    stand for unseen classes: their statistics must not leak into the model)."""
+    mean, std = channel_statistics(train.images)
+    channels = 1 if train.images.ndim == 3 else train.images.shape[-1]
+    return ImageFormat(channels, train.images.shape[1], ink_on_paper=False, mean=mean, std=std)
+
+
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_splits(splits: dict[str, Split], out_dir: Path, info: dict, as_png: bool = False) -> dict:
+    """Write every split as an Arrow dataset plus `info.json`, all or nothing; return what info.json holds.
+
+    as_png False: uint8 Array2D images, int32 labels and a class_name column, as Omniglot has always been stored (its
+    Arrow files, which DVC tracks, stay byte for byte). True (custom data): `datasets.Image()` PNGs at the prepared
+    size and a `ClassLabel` of the split's class names, so the Hugging Face viewer shows the images and their classes.
+    """
+    from datasets import Array2D, ClassLabel, Dataset, Features, Value
+    from datasets import Image as ImageFeature
 
     with atomic_path(out_dir, is_dir=True) as tmp:
         tmp.mkdir()
         summary = {}
         for name, split in splits.items():
-            size = split.images.shape[1:]
-            features = Features({"image": Array2D(size, "uint8"), "label": Value("int32"), "class_name": Value("string")})
-            dataset = Dataset.from_dict(
-                {
-                    "image": split.images,
-                    "label": split.labels,
-                    "class_name": [split.class_names[i] for i in split.labels],
-                },
-                features=features,
-            )
-            dataset.save_to_disk(str(tmp / name))
+            if as_png:
+                features = Features({"image": ImageFeature(), "label": ClassLabel(names=split.class_names)})
+                columns = {"image": [{"bytes": _png(image), "path": None} for image in split.images], "label": split.labels}
+            else:
+                features = Features({"image": Array2D(split.images.shape[1:], "uint8"), "label": Value("int32"),
+                                     "class_name": Value("string")})
+                columns = {"image": split.images, "label": split.labels,
+                           "class_name": [split.class_names[i] for i in split.labels]}
+            Dataset.from_dict(columns, features=features).save_to_disk(str(tmp / name))
             summary[name] = {"classes": len(split.class_names), "examples": len(split.labels)}
-        (tmp / "info.json").write_text(json.dumps({**info, "splits": summary}, indent=2, sort_keys=True) + "\n")
+        written = {**info, "splits": summary}
+        (tmp / "info.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
+    return written

@@ -85,7 +85,7 @@ def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
     height, width = images.shape[1:3]
     scale = size / min(height, width)
     target = (max(size, round(height * scale)), max(size, round(width * scale)))
-    x = torch.from_numpy(np.ascontiguousarray(images)).float()
+    x = torch.from_numpy(images.astype(np.float32))  # a copy: PIL's arrays are read-only, which torch warns about
     x = x[:, None] if images.ndim == 3 else x.permute(0, 3, 1, 2)
     shrinking = target[0] <= height and target[1] <= width
     y = F.interpolate(x, size=target, mode="area") if shrinking else F.interpolate(x, size=target, mode="bilinear", align_corners=False, antialias=False)
