@@ -2,7 +2,9 @@
 # The one device check (issues 3 and 8), run from the repository root on a bare GPU machine:
 #   - ours vs higher / torchopt (second-order MAML, 5w1s, meta-batch 32) and easyfsl (ProtoNet, 5- and 60-way),
 #     adaptation latency, torch.profiler summaries, time to accuracy (ProtoNet, MAML) on Omniglot;
-#   - memory and time per meta-step of MAML/FOMAML/Reptile/iMAML against inner steps, vmap vs loop at 1 step.
+#   - memory and time per meta-step of MAML/FOMAML/Reptile/iMAML against inner steps, vmap vs loop at 1 step;
+#   - ResNet-12 next to Conv-4 at 84x84 RGB (issue 19): ProtoNet and second-order MAML meta-steps/s, images/s, peak
+#     memory (2 warm-up + 5 timed steps per row: well under a minute on an H100, est.).
 # Needs torch and numpy only; the peers come as wheels in .whl/ and the Omniglot files in .devdata/omniglot
 # (both ignored by git: see bench/README.md). Writes everything under $OUT (default /tmp/gpu-out).
 # Rehearse on a CPU: DEVICE=cpu QUICK=--quick bash bench/gpu.sh
@@ -25,4 +27,6 @@ fi
   python3 bench/maml_memory.py --device "$DEVICE" --out "$OUT/maml_memory" --ratio-steps 1 \
     ${QUICK:+--inner-steps 1 2 --repeats 1}
   echo "maml_memory exit $?"
+  python3 bench/backbone_throughput.py --device "$DEVICE" --out "$OUT/backbone_throughput.json" --warmup 2 --steps 5 $QUICK
+  echo "backbone_throughput exit $?"
 } 2>&1 | tee "$OUT/log"

@@ -129,3 +129,20 @@ def test_ratios_pair_ours_with_each_peer_on_the_same_episode_shape() -> None:
     text = markdown({"device": "cpu", "torch": "x", "threads": 1, "rows": rows, "ratios": [only], "notes": ["n"]})
     assert "| 5w1s15q | ours | default | 30.00" in text and "3.00x" in text and "boom" in text
     assert "| episode | library | variant | rate | peak MiB, peak_rss_increase |" in text
+
+
+def test_backbone_throughput_times_each_backbone_and_method_on_tiny_shapes() -> None:
+    """bench/backbone_throughput.py's measurement, in-process on a tiny ResNet-12 (its CPU run is minutes)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_backbone_throughput",
+                                                  Path(__file__).resolve().parent.parent / "bench" / "backbone_throughput.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    tiny = {"device": "cpu", "warmup": 1, "steps": 1, "side": 16, "widths": [4, 6, 8, 8], "shots": 1, "queries": 2}
+    proto = script.measure("protonet", "resnet12", ways=3, tasks=1, **tiny)
+    maml = script.measure("maml", "conv4", ways=3, tasks=2, **tiny)
+    assert (proto["episode"], proto["images_per_second"] * proto["seconds_per_step_median"]) == ("3w1s2q", pytest.approx(9))
+    assert proto["widths"] == [4, 6, 8, 8] and proto["memory_kind"] == maml["memory_kind"] and proto["peak_bytes"] > 0
+    assert (maml["vectorize"], maml["inner_steps"], maml["second_order"]) == ("loop", 5, True)
+    assert maml["seconds_per_task"] == pytest.approx(maml["seconds_per_step_median"] / 2)
