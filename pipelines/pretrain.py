@@ -22,7 +22,7 @@ from metaflowlib import registry, tracking
 from metaflowlib.artifacts import save_meta_knowledge
 from metaflowlib.config import load_shift_tent
 from metaflowlib.config.methods import method_spec
-from metaflowlib.data.store import load_pool
+from metaflowlib.data.store import load_format, load_pool
 from metaflowlib.io import WEIGHTS_FILE, atomic_path, sha256_file, write_json
 from metaflowlib.methods import ProtoNet
 from metaflowlib.pretrain import pretrain_feature_map
@@ -48,7 +48,8 @@ def main() -> None:
     device = resolve_device(p.device)
     dtype = resolve_precision(p.train.precision, device)
     seed_everything(p.seed)
-    config = mp.build(p.data.image_size).config()
+    fmt = load_format(PREPARED)
+    config = mp.build(fmt.image_size, fmt.channels).config()
     embedding = ProtoNet(in_channels=config["in_channels"], hidden=config["hidden"], distance="cosine", backbone=config["backbone"],
                          image_size=config["image_size"]).to(device)
     if p.train.channels_last:
@@ -79,7 +80,7 @@ def main() -> None:
         mlflow.log_metrics(costs)
         tracking.note_capped(result.epochs, budget, f"pretrain@{key}")
         omega_dir = save_meta_knowledge(embedding, out_dir, extra={
-            "image_size": p.data.image_size, "method_key": key, "dataset": p.data.name, "run_id": run.info.run_id,
+            "image_size": fmt.image_size, "image_format": fmt.to_dict(), "method_key": key, "dataset": p.data.name, "run_id": run.info.run_id,
             "role": f"frozen feature map of {key}"})
         model_uri = log_pyfunc_model(omega_dir, tent=load_shift_tent(ROOT / "params.yaml").model_dump())
         weights_sha256 = sha256_file(omega_dir / WEIGHTS_FILE)

@@ -18,7 +18,7 @@ from metaflowlib import tracking
 from metaflowlib.config import Params
 from metaflowlib.config.methods import method_spec
 from metaflowlib.config.shift import ShiftParams
-from metaflowlib.data.store import load_info
+from metaflowlib.data.store import load_format, load_info
 from metaflowlib.errors import DataError
 from metaflowlib.io import atomic_path, read_json
 from metaflowlib.report.summary import (
@@ -54,13 +54,13 @@ def required(root: Path, path: Path, stage: str) -> Path:
 
 
 def method_records(p: Params, root: Path) -> list[MethodRecord]:
-    records = []
+    records, fmt = [], load_format(root / "data" / "prepared")
     for key in p.methods:
         metrics = required(root, Path("metrics") / key / "eval.json", f"evaluate@{key}")
         train = required(root, Path("runs") / key / "train.json", f"train@{key}")
         curve = required(root, Path("metrics") / key / "train_curve.csv", f"train@{key}")
         mp = method_spec(p, key)
-        records.append(MethodRecord(key, mp.kind, mp.model_config_dict(p.data.image_size), read_json(metrics), read_json(train),
+        records.append(MethodRecord(key, mp.kind, mp.model_config_dict(fmt.image_size, fmt.channels), read_json(metrics), read_json(train),
                                     read_training_curve(curve)))
     return records
 

@@ -17,7 +17,7 @@ from metaflowlib import distributed, tracking
 from metaflowlib.artifacts import load_meta_knowledge, save_meta_knowledge
 from metaflowlib.config import Params, load_shift_tent
 from metaflowlib.config.methods import method_spec
-from metaflowlib.data.store import info_digest, load_pool
+from metaflowlib.data.store import info_digest, load_format, load_pool
 from metaflowlib.episodes import EpisodeSampler
 from metaflowlib.errors import DataError
 from metaflowlib.evaluate import embed_pool
@@ -49,7 +49,8 @@ def train(p: Params, key: str, group: distributed.Distributed | None) -> None:
     budget, dtype = mp.budget_in(p.profile), resolve_precision(p.train.precision, device)
     seed_everything(p.seed)
     train_pool, val_pool = (load_pool(PREPARED, split, device) for split in ("train", "val"))
-    method = mp.build(p.data.image_size).to(device)
+    fmt = load_format(PREPARED)  # the data's channels, side and normalization: the model's input
+    method = mp.build(fmt.image_size, fmt.channels).to(device)
     pretrained = load_pretrained(method, key)
     if p.train.channels_last:
         method = method.to(memory_format=torch.channels_last)
@@ -92,7 +93,7 @@ def train(p: Params, key: str, group: distributed.Distributed | None) -> None:
         if pretrained:
             costs["feature_map"] = {k: pretrained[k] for k in ("registered_name", "registered_version", "run_id", "weights_sha256")}
         omega = save_meta_knowledge(method, ROOT / declared("train", "models/*", key=key),
-                                    extra={"image_size": p.data.image_size, "method_key": key, "dataset": p.data.name, "run_id": run.info.run_id})
+                                    extra={"image_size": fmt.image_size, "image_format": fmt.to_dict(), "method_key": key, "dataset": p.data.name, "run_id": run.info.run_id})
         model_uri = log_pyfunc_model(omega, ways=method.fixed_ways or 2, tent=load_shift_tent(ROOT / "params.yaml").model_dump())
         write_csv(ROOT / declared("train", "*.csv", key=key), result.history,
                   CURVE + sorted({k for row in result.history for k in row} - set(CURVE)))

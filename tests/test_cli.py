@@ -140,7 +140,7 @@ def test_predict_labels_query_folders_as_text_and_json(folders, capsys):
     (lambda root: (root / "support" / "pear").mkdir(), "error: class folder {root}/support/pear has no images"),
     (lambda root: shutil.rmtree(root / "support" / "sky"),
      "error: support folder {root}/support needs one subfolder per class, at least 2; found only 'apple'"),
-    (lambda root: (root / "support" / "sky" / "3.png").write_bytes(b"not a png"), "error: cannot read image {root}/support/sky/3.png"),
+    (lambda root: (root / "support" / "sky" / "3.png").write_bytes(b"not a png"), "error: {root}/support/sky/3.png is not a readable image"),
     (lambda root: shutil.rmtree(root / "query"), "error: query folder {root}/query does not exist"),
     (lambda root: [p.unlink() for p in (root / "query").rglob("*.png")], "error: query folder {root}/query has no images"),
     (lambda root: None, "error: unknown strategy 'ttt'; known: source, bn, tent"),

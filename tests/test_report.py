@@ -222,7 +222,7 @@ def project(tmp_path):
         (root / "runs" / r.key / "train.json").write_text(json.dumps(r.train))
         write_curve(root / "metrics" / r.key / "train_curve.csv", curve_rows([10, 20, 30, 40], every_val=20))
     (root / "data" / "prepared").mkdir(parents=True)
-    (root / "data" / "prepared" / "info.json").write_text(json.dumps({"splits": {"test": {"classes": 1692}}}))
+    (root / "data" / "prepared" / "info.json").write_text(json.dumps({"image_size": 28, "splits": {"test": {"classes": 1692}}}))
     write_benchmarks(root / "bench" / "results", maml_memory_cpu=benchmark("cpu", kinds=("maml", "fomaml", "reptile", "imaml")))
     (root / "metrics" / "learned_optimizer").mkdir(parents=True)
     (root / "metrics" / "learned_optimizer" / "report.json").write_text(json.dumps(optimizer_report()))

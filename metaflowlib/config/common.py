@@ -50,6 +50,12 @@ class DataParams(Strict):
         """Experiment/dataset name, e.g. 'omniglot-vinyals'."""
         return f"omniglot-{self.protocol}" if self.dataset == "omniglot" else "custom"
 
+    @property
+    def expected_channels(self) -> int:
+        """The channels methods are checked with before prepare has seen the images (the stages build with the
+        prepared data's own): `channels` when set, else 1 for Omniglot and 3 (photos) for custom data."""
+        return self.channels or (1 if self.dataset == "omniglot" else 3)
+
 
 class MetaOptimizer(Strict):
     """The outer-loop optimizer of omega and its schedule: `step` (Snell et al.: Adam 1e-3 halved every

@@ -129,7 +129,7 @@ def _check(spec: MethodSpec, cls: type[MetaLearner], p: Params, where: str) -> N
         raise ConfigError(f"{where}: {required[1]}: meta_optimizer.name must be {required[0]!r}")
     try:
         check_task_shape(p.data, where, spec.ways, spec.shots + spec.queries, "train")
-        spec.build(p.data.image_size)
+        spec.build(p.data.image_size, p.data.expected_channels)
     except BackboneError as error:  # its message starts with the field: backbone, backbone.kind, ...
         raise ConfigError(f"{where}.{error}") from None
     except ValueError as error:

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
 
+from metaflowlib.data.images import has_colour, read_rgb, with_channels
 from metaflowlib.data.omniglot import OmniglotSet
 from metaflowlib.data.preprocess import ImageFormat, channel_statistics, resize_uint8
 from metaflowlib.errors import DataError
@@ -125,25 +125,6 @@ class ImageCollection(NamedTuple):
     conversions: dict[str, int]
 
 
-SIXTEEN_BIT = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # PIL would clip these at 255 instead of scaling them
-
-
-def _rgb(image: Image.Image) -> np.ndarray:
-    """Any PIL mode as uint8 [H, W, 3]: transparency (RGBA, LA, PA, P with a transparent colour) composited over
-    white, as on paper or a web page; 16-bit grayscale scaled to 8 bits; the rest converted by PIL (CMYK, YCbCr...)."""
-    if image.mode in SIXTEEN_BIT:
-        gray = np.clip(np.round(np.asarray(image, dtype=np.float64) / 257), 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB"))
-    return np.asarray(image.convert("RGB"))
-
-
-def _has_colour(rgb: np.ndarray) -> bool:
-    return bool((rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any())
-
-
 def load_image_dataset(reference: str, size: int, channels: int | None = None) -> ImageCollection:
     """A Hugging Face dataset id or `imagefolder` directory of any image sizes and modes, each image brought to
     `channels` (1: PIL's L, 3: RGB; None: 3 if any image has colour, i.e. a pixel with R != G or G != B after RGB
@@ -186,14 +167,10 @@ def load_image_dataset(reference: str, size: int, channels: int | None = None) -
     for index, row in enumerate(rows):  # one image at a time: rows are read lazily from Arrow
         item = row[image_column]
         origin = item.get("path") or f"{reference!r} example {index}"
-        try:
-            with Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as image:
-                rgb = _rgb(image)
-                modes[image.mode] += 1
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # PIL: unidentified or truncated
-            raise DataError(f"{origin} is not a readable image: {error}") from None
-        colour = colour or (channels is None and _has_colour(rgb))
-        array = np.asarray(Image.fromarray(rgb).convert("L")) if stored == 1 else rgb
+        rgb, mode = read_rgb(item["bytes"] if item.get("bytes") else item["path"], origin)
+        modes[mode] += 1
+        colour = colour or (channels is None and has_colour(rgb))
+        array = with_channels(rgb, stored)
         resized += array.shape[:2] != (size, size)
         images[index] = resize_uint8(array[None], size)[0]
     if channels is None and not colour:  # every image gray: its three channels are equal, before and after resizing
@@ -211,6 +188,8 @@ def custom_format(train: Split) -> ImageFormat:
 
 
 def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()

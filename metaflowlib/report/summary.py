@@ -20,6 +20,7 @@ from typing import Any
 
 from metaflowlib.io import atomic_path
 from metaflowlib.methods import METHODS
+from metaflowlib.models.backbones import backbone_spec
 from metaflowlib.report.render import measured, pyplot, save_png, table_row
 
 CURVES = ("train_loss", "val_accuracy")  # columns of metrics/<m>/train_curve.csv the report plots
@@ -76,6 +77,9 @@ def _memory(train: dict[str, Any]) -> str:
 def variant(record: MethodRecord) -> str:
     """What a reader must know to read the numbers (which variant, transductive or not)."""
     notes = []
+    backbone = backbone_spec(record.config.get("backbone", "conv4"))["kind"]
+    if backbone != "conv4":
+        notes.append(f"{backbone} backbone")
     if record.kind == "param_prediction":
         phi = "linear" if not record.config.get("predictor_hidden") else f"MLP({record.config['predictor_hidden']})"
         notes.append(f"phi {phi}" + (" + prototype term" if record.config.get("combine_prototypes") else ""))

@@ -1,7 +1,7 @@
 """A few-shot task from folders: `support/<class name>/<images>` and `query/**/<images>` (`metaflowlib predict`).
 
-Images of any size and mode are read with PIL (imported here only) and converted to the model's channels:
-"L" for grayscale models, "RGB" otherwise, transparency composited over white first (paper, for ink drawings).
+Images of any size and mode are read as prepare reads a custom dataset's (metaflowlib.data.images) and converted to
+the model's channels: "L" for grayscale models, "RGB" otherwise, transparency composited over white first.
 Fitting them to the model's size is the predict contract's (metaflowlib.serving.contract). A folder that
 cannot make a task is one DataError naming it.
 """
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from metaflowlib.data.images import read_image
 from metaflowlib.errors import DataError
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
@@ -27,21 +28,6 @@ def _directory(path: str | Path, role: str) -> Path:
 def _image_files(directory: Path) -> list[Path]:
     """Image files under `directory`, at any depth, sorted; hidden files and other suffixes are not images."""
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES and not p.name.startswith("."))
-
-
-def read_image(path: Path, channels: int) -> np.ndarray:
-    """uint8 [H, W] (channels 1) or [H, W, 3]; an unreadable file is a DataError naming it."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                rgba = image.convert("RGBA")
-                image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-            return np.array(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)  # a copy: writable for torch
-    except (OSError, ValueError, Image.DecompressionBombError) as error:  # unidentified, truncated, or huge
-        raise DataError(f"cannot read image {path}: {error}") from None
 
 
 def read_support(directory: str | Path, channels: int) -> tuple[list[np.ndarray], list[str]]:
