@@ -43,7 +43,7 @@ def main() -> None:
     method = model.method.to(device).eval()
     ways, shots = p.settings_of(s.setting)
     images, labels = load_split(PREPARED, "test")
-    shifted = evaluate_under_shift(method, images, labels, image_size=model.image_size, corruptions=s.corruptions,
+    shifted = evaluate_under_shift(method, images, labels, image_format=model.format, corruptions=s.corruptions,
                                    severity=s.severity, ways=ways, shots=shots, queries=s.queries, tasks=s.tasks, seed=s.seed,
                                    tent_steps=s.tent.steps, tent_lr=s.tent.lr, device=device,
                                    report=lambda line: print(f"shift@{key} {line}", flush=True))

@@ -138,3 +138,13 @@ def test_a_batch_of_2000_corrupts_every_image_on_its_own(images: np.ndarray, nam
     else:
         alone = np.concatenate([corrupt(image[None], name, 5, seed=0) for image in images])
         np.testing.assert_array_equal(out, np.resize(alone, out.shape))
+
+
+@pytest.mark.parametrize("name", ["gaussian_noise", "motion_blur", "snow", "contrast"])
+def test_rgb_images_are_corrupted_channel_by_channel_with_shared_draws(images: np.ndarray, name: str) -> None:
+    """A gray picture in RGB comes out as the gray corruption in every channel; colour channels stay aligned."""
+    gray = images[:8]
+    rgb = corrupt(np.repeat(gray[..., None], 3, axis=-1), name, 3, seed=5)
+    assert rgb.shape == (*gray.shape, 3) and rgb.dtype == np.uint8
+    expected = corrupt(gray, name, 3, seed=5)
+    assert all(np.array_equal(rgb[..., c], expected) for c in range(3))

@@ -483,17 +483,21 @@ SEVERITIES = (1, 2, 3, 4, 5)
 def corrupt(images: np.ndarray, name: str, severity: int, seed: int) -> np.ndarray:
     """Corrupt a batch of grayscale images: uint8 [N, H, W] (0 black, 255 white) -> uint8 [N, H, W].
 
+    RGB images [N, H, W, 3] are corrupted channel by channel with the same random draws, so blur geometry, noise
+    and occluders line up across channels (CIFAR-10-C draws noise per channel; the difference is colour noise).
     Deterministic in (images, name, severity, seed). Raises ValueError for an
     unknown name, a severity outside 1..5, or images that are not uint8
-    [N, H, W] with H, W >= 8.
+    [N, H, W] or [N, H, W, 3] with H, W >= 8.
     """
+    if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[-1] == 3:
+        return np.stack([corrupt(np.ascontiguousarray(images[..., c]), name, severity, seed) for c in range(3)], axis=-1)
     if name not in _CORRUPTIONS:
         raise ValueError(f"unknown corruption {name!r}; expected one of {', '.join(CORRUPTIONS)}")
     if not isinstance(severity, (int, np.integer)) or severity not in SEVERITIES:
         raise ValueError(f"severity must be one of {SEVERITIES}, got {severity!r}")
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 3:
         got = f"{images.dtype} array of shape {images.shape}" if isinstance(images, np.ndarray) else type(images)
-        raise ValueError(f"images must be a uint8 array [N, H, W], got {got}")
+        raise ValueError(f"images must be a uint8 array [N, H, W] or [N, H, W, 3], got {got}")
     if min(images.shape[1:]) < MIN_SIDE:
         raise ValueError(f"images must be at least {MIN_SIDE}x{MIN_SIDE}, got {images.shape[1]}x{images.shape[2]}")
     if images.shape[0] == 0:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from metaflowlib.data.corruptions import corrupt
-from metaflowlib.data.preprocess import to_model_input
+from metaflowlib.data.preprocess import ImageFormat, to_model_input
 from metaflowlib.episodes import EpisodeIndices, TaskPool, fixed_episodes
 from metaflowlib.evaluate import confidence_interval, task_accuracies
 from metaflowlib.methods import MetaLearner
@@ -84,7 +84,7 @@ def strategies_for(method: MetaLearner, tent_steps: int, tent_lr: float) -> dict
 
 
 def evaluate_under_shift(
-    method: MetaLearner, images: np.ndarray, labels: np.ndarray, *, image_size: int, corruptions: list[str], severity: int,
+    method: MetaLearner, images: np.ndarray, labels: np.ndarray, *, image_format: ImageFormat, corruptions: list[str], severity: int,
     ways: int, shots: int, queries: int, tasks: int, seed: int, tent_steps: int, tent_lr: float,
     device: torch.device, report: Any = print,
 ) -> dict[str, Any]:
@@ -99,7 +99,7 @@ def evaluate_under_shift(
     indices = None
     for corruption in track((CLEAN, *corruptions), f"corrupting the test split and adapting {tasks} tasks per strategy"):
         shifted = images if corruption == CLEAN else corrupt(images, corruption, severity, seed)
-        pool = TaskPool(to_model_input(shifted, image_size).to(device), torch.from_numpy(labels), name=f"test/{corruption}")
+        pool = TaskPool(to_model_input(shifted, image_format).to(device), torch.from_numpy(labels), name=f"test/{corruption}")
         if indices is None:  # one class layout, so the same tasks under every corruption
             indices = fixed_episodes(pool, tasks, ways, shots, queries, seed)
         for strategy, options in strategies.items():
