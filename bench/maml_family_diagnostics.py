@@ -46,7 +46,7 @@ from metaflowlib.config.methods import method_spec  # noqa: E402
 from metaflowlib.data.store import load_pool  # noqa: E402
 from metaflowlib.episodes import Episode, EpisodeSampler, TaskPool  # noqa: E402
 from metaflowlib.evaluate import evaluate_setting  # noqa: E402
-from metaflowlib.methods.inner_loop import InitializationLearner, inner_loop  # noqa: E402
+from metaflowlib.methods.inner_loop import InitializationLearner  # noqa: E402
 from metaflowlib.io import write_json  # noqa: E402
 from metaflowlib.runtime import device_name  # noqa: E402
 

@@ -20,7 +20,6 @@ from _stage import PREPARED, ROOT, Checkpoints, declared, method_key, params, ru
 
 from metaflowlib import registry, tracking
 from metaflowlib.artifacts import save_meta_knowledge
-from metaflowlib.config import load_shift_tent
 from metaflowlib.config.methods import method_spec
 from metaflowlib.data.store import load_format, load_pool
 from metaflowlib.io import WEIGHTS_FILE, atomic_path, sha256_file, write_json
@@ -82,7 +81,7 @@ def main() -> None:
         omega_dir = save_meta_knowledge(embedding, out_dir, extra={
             "image_size": fmt.image_size, "image_format": fmt.to_dict(), "method_key": key, "dataset": p.data.name, "run_id": run.info.run_id,
             "role": f"frozen feature map of {key}"})
-        model_uri = log_pyfunc_model(omega_dir, tent=load_shift_tent(ROOT / "params.yaml").model_dump())
+        model_uri = log_pyfunc_model(omega_dir, tent=p.serving.tent_fewshot.model_dump())
         weights_sha256 = sha256_file(omega_dir / WEIGHTS_FILE)
         version = registry.register(
             model_uri, name,

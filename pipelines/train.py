@@ -15,7 +15,7 @@ from _stage import PREPARED, ROOT, Checkpoints, declared, method_key, params, ru
 
 from metaflowlib import distributed, tracking
 from metaflowlib.artifacts import load_meta_knowledge, save_meta_knowledge
-from metaflowlib.config import Params, load_shift_tent
+from metaflowlib.config import Params
 from metaflowlib.config.methods import method_spec
 from metaflowlib.data.store import info_digest, load_format, load_pool
 from metaflowlib.episodes import EpisodeSampler
@@ -94,7 +94,7 @@ def train(p: Params, key: str, group: distributed.Distributed | None) -> None:
             costs["feature_map"] = {k: pretrained[k] for k in ("registered_name", "registered_version", "run_id", "weights_sha256")}
         omega = save_meta_knowledge(method, ROOT / declared("train", "models/*", key=key),
                                     extra={"image_size": fmt.image_size, "image_format": fmt.to_dict(), "method_key": key, "dataset": p.data.name, "run_id": run.info.run_id})
-        model_uri = log_pyfunc_model(omega, ways=method.fixed_ways or 2, tent=load_shift_tent(ROOT / "params.yaml").model_dump())
+        model_uri = log_pyfunc_model(omega, ways=method.fixed_ways or 2, tent=p.serving.tent_fewshot.model_dump())
         write_csv(ROOT / declared("train", "*.csv", key=key), result.history,
                   CURVE + sorted({k for row in result.history for k in row} - set(CURVE)))
         write_json(ROOT / declared("train", "runs/*/train.json", key=key), {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,

@@ -82,7 +82,7 @@ def train_and_register(p: Params, root: Path) -> dict:
             costs = {GATE_METRIC: clean, "train_seconds": result.seconds, "train_steps": result.steps}
             mlflow.log_metrics(costs)
             directory = save_classifier(model, root / MODELS / kind, kind, config, extra={"run_id": run.info.run_id})
-            model_uri = log_classifier_model(directory, IMAGE_SIZE, tent=p.tta.strategy("tent").model_dump(include={"steps", "lr"}))
+            model_uri = log_classifier_model(directory, IMAGE_SIZE, tent=p.serving.tent_classifier.model_dump())
         name = p.tta.registered_name(kind)
         version, promoted = registry.register_stage_version(
             model_uri, name,

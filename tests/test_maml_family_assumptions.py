@@ -20,8 +20,6 @@ from metaflowlib.data.preprocess import to_model_input
 from metaflowlib.episodes import EpisodeSampler, TaskPool
 from metaflowlib.methods import IMAML, Reptile, build_method
 from metaflowlib.methods.imaml import conjugate_gradient, implicit_gradient
-from metaflowlib.methods.inner_loop import inner_loop
-from metaflowlib.methods.inner_optimizers import SGD
 from metaflowlib.train import build_meta_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

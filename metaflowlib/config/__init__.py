@@ -26,7 +26,7 @@ from metaflowlib.config.common import (
     MethodBlock,
     MlflowParams,
     RegistryParams,
-    ShiftTent,
+    ServingParams,
     TrainParams,
 )
 from metaflowlib.errors import ConfigError
@@ -56,6 +56,7 @@ class Params(Strict):
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
     registry: RegistryParams = RegistryParams()
+    serving: ServingParams = ServingParams()
     tta: Any = None
     shift: Any = None
     optimizer: Any = None
@@ -107,11 +108,5 @@ def load_params(path: str | os.PathLike = "params.yaml", **sections: type[Strict
     return parse_params(read_params(path), str(path), **sections)
 
 
-def load_shift_tent(path: str | os.PathLike = "params.yaml") -> ShiftTent:
-    """shift.tent alone, for the stages that log a few-shot model (the `tent` strategy it serves with): the rest of
-    the shift section, and the corruption registry it names, is not theirs to depend on."""
-    return validate(ShiftTent, (read_params(path).get("shift") or {}).get("tent") or {}, str(path), "shift.tent.")
-
-
-__all__ = ["ConfigError", "MlflowParams", "Params", "RegistryParams", "load_params", "load_shift_tent", "parse_params",
+__all__ = ["ConfigError", "MlflowParams", "Params", "RegistryParams", "load_params", "parse_params",
            "read_params"]

@@ -15,12 +15,21 @@ MethodBudgets = budgets_type(EpisodeBudget, {"episodes": 2000}, {"episodes": 300
 PretrainBudgets = budgets_type(EpochBudget, {"epochs": 8, "seconds": 600}, {"epochs": 40})
 
 
-class ShiftTent(Strict):
-    """shift.tent: TENT inside one few-shot task, the task the only test batch, so updates must pay off on it (the
-    shift@ stages, and the `tent` strategy of served few-shot models)."""
+class TentSettings(Strict):
+    """TENT's steps and Adam lr on the BatchNorm affine parameters. The defaults are for one few-shot task, the task
+    the only test batch, so updates must pay off on it (the reference's 1 step at 1e-3 would return the BN logits
+    unchanged): shift.tent and serving.tent_fewshot."""
 
     steps: int = Field(3, ge=1)
-    lr: float = Field(0.01, gt=0)  # Adam; the reference's 1 step at 1e-3 would return the BN logits unchanged
+    lr: float = Field(0.01, gt=0)
+
+
+class ServingParams(Strict):
+    """What a served model does when a request asks for test-time adaptation (params {"strategy": "tent"}):
+    recorded with each logged model by the stage that logs it."""
+
+    tent_fewshot: TentSettings = TentSettings()  # per task
+    tent_classifier: TentSettings = TentSettings(steps=1, lr=1e-3)  # per request batch: Wang et al.'s settings
 
 
 class DataParams(Strict):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import Field, ValidationInfo, model_validator
 
 from metaflowlib.config.base import Key, Setting, Strict, check_task_shape, settings_of
-from metaflowlib.config.common import ShiftTent
+from metaflowlib.config.common import TentSettings
 from metaflowlib.data.corruptions import CORRUPTIONS
 
 
@@ -20,7 +20,7 @@ class ShiftParams(Strict):
     queries: int = Field(15, ge=1)
     tasks: int = Field(50, ge=1)  # per corruption; tasks are adapted one at a time
     seed: int = 2017
-    tent: ShiftTent = ShiftTent()
+    tent: TentSettings = TentSettings()
 
     @model_validator(mode="after")
     def _methods_exist(self, info: ValidationInfo) -> ShiftParams:

@@ -201,9 +201,16 @@ def save_splits(splits: dict[str, Split], out_dir: Path, info: dict, as_png: boo
     as_png False: uint8 Array2D images, int32 labels and a class_name column, as Omniglot has always been stored (its
     Arrow files, which DVC tracks, stay byte for byte). True (custom data): `datasets.Image()` PNGs at the prepared
     size and a `ClassLabel` of the split's class names, so the Hugging Face viewer shows the images and their classes.
+    An `info` without a "format" is for grayscale splits in Omniglot's convention: ink on paper at their side.
     """
     from datasets import Array2D, ClassLabel, Dataset, Features, Value
     from datasets import Image as ImageFeature
+
+    if "format" not in info:
+        images = next(iter(splits.values())).images
+        if images.ndim != 3:
+            raise DataError(f"RGB splits ({list(images.shape[1:])}) need info['format']: their normalization is not Omniglot's")
+        info = {**info, "format": ImageFormat.ink(images.shape[1]).to_dict()}
 
     with atomic_path(out_dir, is_dir=True) as tmp:
         tmp.mkdir()

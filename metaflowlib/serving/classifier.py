@@ -5,7 +5,7 @@ white, H = W = the trained image size) -> {"labels": int64 [N],
 "probabilities": float32 [N, classes]}. Inference param `strategy`: `source`
 (default: eval mode, each image independent of its batch), `bn` (the request's
 images are the test batch of BatchNorm) or `tent` (entropy steps on BatchNorm
-affine over that batch, tta.strategies.tent's steps and lr as recorded at
+affine over that batch, serving.tent_classifier's steps and lr as recorded at
 logging); each request adapts a copy of the registered weights. The TTA stages
 take the torch module itself: `unwrap_registered(uri, ClassifierModel).model`.
 """
@@ -26,7 +26,7 @@ from metaflowlib.serving.model import RefusedPayload
 ARTIFACT = "classifier"  # the classifier directory (safetensors + JSON)
 MAX_IMAGES = 20_000  # per request: a larger payload is refused rather than exhausting memory
 STRATEGIES = ("source", "bn", "tent")
-TENT_DEFAULTS = {"steps": 1, "lr": 1e-3}  # Wang et al.'s reference (params.yaml tta.strategies.tent), for older versions
+TENT_DEFAULTS = {"steps": 1, "lr": 1e-3}  # Wang et al.'s reference (params.yaml serving.tent_classifier), for older versions
 
 
 class ClassifierModel(mlflow.pyfunc.PythonModel):
@@ -96,6 +96,6 @@ def example_payload(size: int) -> dict[str, np.ndarray]:
 
 def log_classifier_model(directory: str | Path, image_size: int, name: str = "model", tent: dict | None = None) -> str:
     """Log the classifier directory as a pyfunc model into the active run; returns its model URI. `tent`
-    ({steps, lr}: params.yaml tta.strategies.tent) is what the `tent` strategy takes, kept in the model config."""
+    ({steps, lr}: params.yaml serving.tent_classifier) is what the `tent` strategy takes, kept in the model config."""
     return log_code_model({ARTIFACT: str(directory)}, signature(), example_payload(image_size), name,
                           {"tent": dict(tent)} if tent else None)

@@ -41,7 +41,7 @@ SHAPES = "[count, height, width] or [count, height, width, 3]"
 
 @dataclass(frozen=True)
 class TentOptions:
-    """TENT inside one task; the defaults are params.yaml's shift.tent, for versions logged before it was recorded."""
+    """TENT inside one task; the defaults are params.yaml's serving.tent_fewshot, for versions logged before it was recorded."""
 
     steps: int = 3
     lr: float = 0.01

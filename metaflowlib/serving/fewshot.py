@@ -86,7 +86,7 @@ def log_pyfunc_model(omega_dir: str | Path, ways: int = 2, name: str = "model", 
 
     `ways` sizes the stored input example (a fixed N-way head needs N-way tasks), in the format of omega's
     config.json; the registry's load check replays that example before promoting. `tent` ({steps, lr}:
-    params.yaml shift.tent) is what the `tent` strategy takes at serving time, kept in the model config.
+    params.yaml serving.tent_fewshot) is what the `tent` strategy takes at serving time, kept in the model config.
     """
     from metaflowlib.io import CONFIG_FILE
     from metaflowlib.serving.contract import image_format_of
