@@ -114,6 +114,20 @@ def register_evaluated(model_uri: str, name: str, accuracies: float | Iterable[f
     return registry.register(model_uri, name, version_tags, f"acc_{setting} {mean:.4f}", model_description).version
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_uris_stay_put():
+    """MLflow 3's set_tracking_uri / set_registry_uri also write MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI into the
+    environment, which every later test's subprocesses inherit (a served model looked for its version in another
+    test's store): put both back after each test."""
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors gain nothing from intra-op threads; on a busy 2-core machine they made test files 10x slower."""
