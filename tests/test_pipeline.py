@@ -36,7 +36,7 @@ def project(tmp_path_factory, shared_data):
                                                         "budget": {"default": {"episodes": 20}}},
                          "param_prediction": {"kind": "param_prediction", "queries": 5,
                                               "budget": {"default": {"episodes": 100000, "seconds": 2}},  # the cap ends it
-                                              "pretrain": {"budget": {"default": {"epochs": 100, "seconds": 3}}}}}  # the cap ends it
+                                              "pretrain": {"batch_size": 512, "budget": {"default": {"epochs": 1}}}}}
     params["train"].update(val_every=20, validation={"ways": 5, "shots": 1, "queries": 5, "tasks": 50})
     params["shift"].update(methods=["protonet", "fomaml"], tasks=3, corruptions=["gaussian_noise", "fog"])
     params["tta"]["data"].update(source=str(shared_data), images=20, corruptions=["gaussian_noise", "fog"], severities=[5])
@@ -121,7 +121,7 @@ def test_dvc_repro_trains_evaluates_registers_and_serves(project):
     assert "pretrain@protonet: protonet starts from no pre-trained module; nothing to do" in first.stdout
     assert "registered omniglot-lake-param_prediction-embedding version 1" in first.stdout
     predictor = yaml.safe_load((root / "metrics" / "param_prediction" / "eval.json").read_text())
-    assert predictor["acc_5w1s"] > 0.4 and predictor["pretrain_seconds"] > 0  # chance is 0.2
+    assert predictor["acc_5w1s"] > 0.3 and predictor["pretrain_seconds"] > 0  # chance is 0.2; one epoch, not a time cap
     assert predictor["episodes_digest"] == metrics["episodes_digest"]
     capped = yaml.safe_load((root / "runs" / "param_prediction" / "train.json").read_text())
     assert capped["budget_capped"] is True and capped["meta_train_episodes"] < 100000
