@@ -42,12 +42,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from metaflowlib_bench import timing
 
 from metaflowlib.episodes import Episode
 from metaflowlib.memory import PeakMemory
@@ -135,18 +135,8 @@ def available_bytes() -> int:
 
 
 def run_fresh(config: dict, threads: int | None) -> dict:
-    """`measure` in a new interpreter on a CPU; in this process on CUDA (the allocator's peak is reset per row)."""
-    if config["device"].startswith("cuda"):
-        result = measure(**config)
-        torch.cuda.empty_cache()
-        return result
-    command = [sys.executable, __file__, "--worker", json.dumps(config)]
-    if threads:
-        command += ["--threads", str(threads)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"configuration {config} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """`measure` in a new interpreter on a CPU, in this process on CUDA (metaflowlib_bench.timing.run_fresh)."""
+    return timing.run_fresh(measure, __file__, config, threads)
 
 
 def main() -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,10 +37,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+from metaflowlib_bench import timing
 
 from metaflowlib.episodes import Episode
-from metaflowlib.methods import build_method
 from metaflowlib.memory import PeakMemory
+from metaflowlib.methods import build_method
 from metaflowlib.runtime import device_name, synchronize
 
 METHOD_KINDS = ("maml", "fomaml", "reptile", "imaml")
@@ -93,19 +93,8 @@ def measure(kind: str, inner_steps: int, vectorize: str, tasks: int, device: str
 
 
 def run_fresh(config: dict, threads: int | None) -> dict:
-    """`measure` in a new interpreter (this script with --worker); on CUDA in this process, where the allocator's
-    peak is reset per configuration and a fresh process would only add CUDA start-up time."""
-    if config["device"].startswith("cuda"):
-        result = measure(**config)
-        torch.cuda.empty_cache()
-        return result
-    command = [sys.executable, __file__, "--worker", json.dumps(config)]
-    if threads:
-        command += ["--threads", str(threads)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"configuration {config} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """`measure` in a new interpreter on a CPU, in this process on CUDA (metaflowlib_bench.timing.run_fresh)."""
+    return timing.run_fresh(measure, __file__, config, threads)
 
 
 def plot(runs: list[dict], path: Path, title: str) -> None:

@@ -10,8 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from conftest import ROOT
-from test_serving_http import as_json, free_port, post
+from test_serving_http import as_json, post, serve
 
 CLASSES = 20
 SIZES = [(20, 30), (40, 40), (33, 17), (25, 25), (48, 36), (18, 18)]
@@ -125,31 +123,15 @@ def test_a_folder_of_photos_becomes_registered_models_that_predict_from_folders(
         assert all(r["class"] in test_classes and set(r["probabilities"]) == set(test_classes) for r in rows)
         assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in rows)
 
-    served = "custom-protonet_resnet12"
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{served}@production",
-                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                              cwd=root, env=env | {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"},
-                              stdout=subprocess.DEVNULL, stderr=(tmp_path / "server.log").open("w"))
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-3000:]
-                time.sleep(0.5)
+    served_env = env | {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    with serve("models:/custom-protonet_resnet12@production", served_env, root, tmp_path / "server.log") as url:
         task = {"support_images": np.stack([np.asarray(draw(k, (40, 28), "RGB", 0)) for k in (1, 2, 3)]),
                 "support_labels": np.array(["disc", "square", "ring"]),
                 "query_images": np.stack([np.asarray(draw(k, (40, 28), "RGB", 2)) for k in (3, 1, 2, 1)])}
         for strategy in ("source", "tent"):
-            status, answer = post(f"http://127.0.0.1:{port}/invocations", {"inputs": as_json(task), "params": {"strategy": strategy}})
+            status, answer = post(url, {"inputs": as_json(task), "params": {"strategy": strategy}})
             assert status == 200, answer
             predictions = answer["predictions"]
             assert predictions["classes"] == ["disc", "ring", "square"]
             assert len(predictions["labels"]) == 4 and set(predictions["labels"]) <= {"disc", "ring", "square"}
             assert np.allclose(np.sum(predictions["probabilities"], axis=1), 1, atol=1e-5)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

@@ -1,6 +1,7 @@
 """`mlflow models serve` answers real HTTP requests with the predict contract (a few-shot learner per request),
 from a process in which this checkout's metaflowlib cannot be imported: only the copy the model ships can load."""
 
+import contextlib
 import json
 import os
 import socket
@@ -90,25 +91,33 @@ def no_checkout(store):
     return {**os.environ, "PYTHONPATH": str(site), "CHECKOUT": str(ROOT), "SERVED_FROM": str(store / "served_from.txt")}
 
 
+@contextlib.contextmanager
+def serve(model_uri: str, env: dict, cwd: Path, log: Path):
+    """`mlflow models serve` of `model_uri` on a free port until the block ends: yields its /invocations URL; a
+    server that dies first fails with the tail of its log."""
+    port = free_port()
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+                                    "-h", "127.0.0.1", "-p", str(port)], env=env, cwd=cwd, stdout=out, stderr=out)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).close()
+                break
+            except OSError:
+                assert process.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/invocations"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def server(store, no_checkout):
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@production", "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port)], env=no_checkout, cwd=store, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{base}/ping", timeout=2).close()
-            break
-        except OSError:
-            assert process.poll() is None and time.time() < deadline, "the model server did not start"
-            time.sleep(0.5)
-    yield f"{base}/invocations"
-    process.terminate()
-    process.wait(timeout=30)
+    with serve(f"models:/{NAME}@production", no_checkout, store, store / "server.log") as url:
+        yield url
 
 
 def test_served_model_labels_new_classes_with_the_code_it_ships(store, no_checkout, server):

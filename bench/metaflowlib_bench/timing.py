@@ -43,3 +43,22 @@ def seconds_per_call(fn: Callable[[], object], device: torch.device, *, warmup: 
     per_second = rate(fn, 1, device, warmup=warmup, steps=calls, repeats=repeats)
     runs = [1.0 / r for r in per_second["runs"]]
     return spread(runs)
+
+
+def run_fresh(measure: Callable[..., dict], script: str, config: dict, threads: int | None) -> dict:
+    """`measure(**config)` in a new interpreter (`script --worker CONFIG [--threads N]`, whose last stdout line is
+    the result as JSON), so a CPU peak RSS is the configuration's own; on CUDA in this process, where the
+    allocator's peak is reset per configuration and a fresh process would only add start-up time."""
+    import json
+    import subprocess
+    import sys
+
+    if config["device"].startswith("cuda"):
+        result = measure(**config)
+        torch.cuda.empty_cache()
+        return result
+    command = [sys.executable, script, "--worker", json.dumps(config)] + (["--threads", str(threads)] if threads else [])
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"configuration {config} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
