@@ -153,8 +153,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.worker:
-        print(json.dumps(measure(**json.loads(args.worker))))
+    if timing.answer_worker(args.worker, measure):
         return
     if args.log_mlflow:
         log_mlflow(args.log_mlflow)

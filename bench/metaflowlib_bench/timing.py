@@ -62,3 +62,13 @@ def run_fresh(measure: Callable[..., dict], script: str, config: dict, threads: 
     if done.returncode != 0:
         raise RuntimeError(f"configuration {config} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def answer_worker(worker: str | None, measure: Callable[..., dict]) -> bool:
+    """The other side of `run_fresh`: with `--worker CONFIG`, print `measure(**CONFIG)` as JSON and return True."""
+    import json
+
+    if worker is None:
+        return False
+    print(json.dumps(measure(**json.loads(worker))))
+    return True
