@@ -109,13 +109,19 @@ def test_every_readme_command_is_run_here_or_named_elsewhere():
 
 
 def strings_used_by(node: str) -> set[str]:
-    """The string constants (f-string pieces and docstrings included) of a test function and of the same-file
-    fixtures among its arguments; fails when the function does not exist."""
+    """The string constants (f-string pieces and docstrings included) of a test function, of the same-file
+    fixtures among its arguments and of the same-file functions these call; fails when the function does not exist."""
     path, name = node.split("::")
     functions = {f.name: f for f in ast.walk(ast.parse((ROOT / path).read_text())) if isinstance(f, ast.FunctionDef)}
     assert name in functions, f"{node} does not exist"
     test = functions[name]
-    used = [test, *(functions[a.arg] for a in test.args.args if a.arg in functions)]
+    used, todo = [], [test, *(functions[a.arg] for a in test.args.args if a.arg in functions)]
+    while todo:
+        function = todo.pop()
+        if function not in used:
+            used.append(function)
+            todo += [functions[c.func.id] for c in ast.walk(function)
+                     if isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and c.func.id in functions]
     return {c.value for f in used for c in ast.walk(f) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
 
 
