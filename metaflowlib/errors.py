@@ -26,8 +26,9 @@ class DivergenceError(MetaflowError):
 
 
 class Interrupted(MetaflowError):
-    """SIGINT/SIGTERM stopped the work after a final checkpoint; the exit code is 128 + the signal."""
+    """SIGINT/SIGTERM stopped the work after a final checkpoint; the exit code is 128 + the signal (0 when the
+    work stopped itself, at the end of a time allowance)."""
 
-    def __init__(self, message: str, signal_number: int) -> None:
+    def __init__(self, message: str, signal_number: int | None) -> None:
         super().__init__(message)
-        self.exit_code = 128 + signal_number
+        self.exit_code = 0 if signal_number is None else 128 + signal_number

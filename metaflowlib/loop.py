@@ -92,6 +92,9 @@ class Loop:
         on_validation: more metrics for each validation, computed after the best state is kept.
         checkpoint_dir: resume from / save to here every `checkpoint_every` steps, when the budget is spent,
             and on SIGINT/SIGTERM, which stop the loop between steps (`Interrupted`).
+        stop_when: asked between steps; True stops the loop as a signal does (checkpoint, `Interrupted`, exit
+            code 0): a time allowance that ends a segment of a longer run, resumed later (bench/paper_run.py).
+            One process only: ranks could answer differently.
         log / log_every: log(metrics, step) every `log_every` steps and at each validation; the same rows
             (plus `unit: step`) make the history.
         progress: "bar" (tqdm on stderr), "log" (a line at each validation and every `report_every` steps,
@@ -114,6 +117,7 @@ class Loop:
         checkpoint_dir: str | Path | None = None, checkpoint_every: int = 500, log: LogFn | None = None,
         log_every: int = 1, progress: str = "log", report_every: int | None = None, show: Sequence[str] = (),
         name: str = "", unit: str = "step", device: torch.device | str = "cpu", distributed: Replicas | None = None,
+        stop_when: Callable[[], bool] | None = None,
     ) -> None:
         if max_steps is None and max_seconds is None:
             raise ValueError("a budget needs max_steps or max_seconds")
@@ -125,6 +129,8 @@ class Loop:
                     "report_every": report_every}
         if any(every is not None and every < 1 for every in cadences.values()):
             raise ValueError(f"every cadence must be at least 1 step, got {cadences}")
+        if stop_when is not None and distributed is not None:
+            raise ValueError("stop_when is for one process: ranks could answer it differently")
         if progress not in PROGRESS:
             raise ValueError(f"progress must be one of {PROGRESS}, got {progress!r}")
         self.train_step, self.max_steps, self.max_seconds = train_step, max_steps, max_seconds
@@ -142,6 +148,8 @@ class Loop:
         self.best_score, self.best_step, self.best = -math.inf, 0, None
         self.history: list[dict[str, float]] = []
         self.stop_signal: int | None = None
+        self.stop_when = stop_when
+        self.stopped_early = False
 
     def run(self) -> LoopResult:
         self._resume()
@@ -208,13 +216,14 @@ class Loop:
                 signal.signal(number, handler)
 
     def _stop_requested(self) -> bool:
-        """A signal reached this process (or, distributed, any rank: all stop at the same step)."""
+        """A signal reached this process (or, distributed, any rank: all stop at the same step), or `stop_when`."""
         if self.distributed is not None:
             self.stop_signal = self.distributed.any_signal(self.stop_signal)
-        return self.stop_signal is not None
+        self.stopped_early = self.stop_signal is None and self.stop_when is not None and self.stop_when()
+        return self.stop_signal is not None or self.stopped_early
 
     def _stop(self) -> None:
-        name = signal.Signals(self.stop_signal).name
+        name = "stop_when" if self.stopped_early else signal.Signals(self.stop_signal).name
         if self.checkpoint_dir is not None:
             self.save()
             where = f"checkpoint in {self.checkpoint_dir}; rerun the same command to resume"

@@ -85,6 +85,7 @@ class MetaTrainer:
             passes the same arguments, its own share of the meta-batch in `sampler`; the ranks start
             from rank 0's omega, average `.grad` after each meta-gradient, stop together, and only
             rank 0 validates (the others receive its accuracy), logs, reports and writes checkpoints.
+        stop_when: asked between meta-steps; True checkpoints and stops as a signal does (`Loop`).
 
     The loop is built by `run`, from the attributes as they are then; `meta_step` alone drives no loop
     (the throughput benchmarks time it).
@@ -96,12 +97,12 @@ class MetaTrainer:
         checkpoint_dir: Path | None = None, checkpoint_every: int = 500, log: LogFn | None = None,
         precision: torch.dtype | None = None, grad_clip: float | None = None, progress: str = "log",
         log_every: int = 10, distributed: Replicas | None = None,
-        diagnose: Callable[[MetaLearner], dict[str, float]] | None = None,
+        diagnose: Callable[[MetaLearner], dict[str, float]] | None = None, stop_when: Callable[[], bool] | None = None,
     ) -> None:
         if max_episodes is None and max_seconds is None:
             raise ValueError("a budget needs max_episodes or max_seconds")
         self.method, self.sampler, self.optimizer, self.scheduler = method, sampler, optimizer, scheduler
-        self.validate, self.val_every, self.diagnose = validate, val_every, diagnose
+        self.validate, self.val_every, self.diagnose, self.stop_when = validate, val_every, diagnose, stop_when
         self.max_episodes, self.max_seconds = max_episodes, max_seconds
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
         self.distributed = distributed
@@ -136,7 +137,7 @@ class MetaTrainer:
             on_validation=self._diagnose if self.diagnose is not None else None,
             checkpoint_dir=self.checkpoint_dir, checkpoint_every=self.checkpoint_every, log=log or self.log,
             log_every=self.log_every, progress=self.progress, show=("train_loss", "val_accuracy"), unit="episode",
-            device=self.device, distributed=self.distributed,
+            device=self.device, distributed=self.distributed, stop_when=self.stop_when,
         )
         result = self.loop.run()
         return TrainResult(result.steps, result.seconds, result.best_score, result.best_step, result.peak_memory_mb,
