@@ -13,10 +13,12 @@ rerun keeps the earlier evaluation runs, tagged `superseded_by=<new run>`.
 
 from __future__ import annotations
 
+import torch
 from _stage import PREPARED, ROOT, declared, method_key, params, run_guarded
 
 from metaflowlib import tracking
 from metaflowlib.artifacts import load_meta_knowledge
+from metaflowlib.config import Params
 from metaflowlib.data.store import load_pool
 from metaflowlib.evaluate import evaluate_protocol
 from metaflowlib.evaluation_log import INHERITED_TAGS, flat_metrics, log_evaluation
@@ -25,8 +27,6 @@ from metaflowlib.runtime import resolve_device, resolve_precision, seed_everythi
 
 
 def main() -> None:
-    import mlflow
-
     p, key = params(), method_key()
     e = p.evaluate
     device = resolve_device(p.device)
@@ -39,6 +39,16 @@ def main() -> None:
         method, pool, p.settings(), episodes=e.tasks, queries=e.queries, seed=e.seed, batch_tasks=e.batch_tasks,
         dtype=dtype, shots_curve=e.shots_curve, timing_tasks=e.timing_tasks,
     )
+    record_evaluation(p, key, f"evaluate@{key}", report, train, method.fixed_ways, device)
+
+
+def record_evaluation(p: Params, key: str, stage: str, report: dict, train: dict, fixed_ways: int | None,
+                      device: torch.device | None) -> None:
+    """Log `report` (evaluate_protocol's) as the evaluation run of the training run `train` names, and write the
+    stage's files (metrics/<key>/eval.json, shots_curve.csv, runs/<key>/evaluate.json): evaluate@ and import@ alike."""
+    import mlflow
+
+    e = p.evaluate
     per_task = report.pop("task_accuracies")
     metrics = flat_metrics(report, train)
     digests = {name: r["digest"] for name, r in report["settings"].items()}
@@ -49,11 +59,11 @@ def main() -> None:
     tags = ({k: training.data.tags[k] for k in INHERITED_TAGS if k in training.data.tags}
             | {"evaluated_run_id": train["run_id"], "evaluated_model_id": model_id}
             | {f"episodes_digest_{name}": d[:16] for name, d in digests.items()})
-    with tracking.stage_run(p, f"evaluate@{key}", f"{key}-evaluate", tags=tags, device=device,
+    with tracking.stage_run(p, stage, f"{key}-evaluate", tags=tags, device=device,
                             params={"evaluate": e.model_dump(mode="json"), "precision": p.train.precision}) as run:
         tracking.log_splits(PREPARED, {"test": "testing"})
-        children = log_evaluation(run.info.run_id, f"evaluate@{key}", report, per_task, metrics, model_id, tracking.own_tags(run))
-    superseded = tracking.supersede(run.info.run_id, {"stage": f"evaluate@{key}", "evaluated_run_id": train["run_id"]})
+        children = log_evaluation(run.info.run_id, stage, report, per_task, metrics, model_id, tracking.own_tags(run))
+    superseded = tracking.supersede(run.info.run_id, {"stage": stage, "evaluated_run_id": train["run_id"]})
 
     eval_json = declared("evaluate", "metrics/*/eval.json", key=key)
     write_json(ROOT / eval_json, {**metrics, "tasks": e.tasks, "episodes_digest": digests})
@@ -64,8 +74,8 @@ def main() -> None:
                                                        "child_runs": children, "superseded": superseded,
                                                        "episodes_digest": digests, "skipped_settings": report["skipped_settings"]})
     shown = "  ".join(f"{n} {100 * r['accuracy']:.2f}±{100 * r['ci95']:.2f}" for n, r in report["settings"].items())
-    skipped = f"; skipped {', '.join(report['skipped_settings'])} (fixed {method.fixed_ways}-way head)" if report["skipped_settings"] else ""
-    print(f"evaluate@{key}: {shown} (%, {e.tasks} tasks each){skipped}; {eval_json}, MLflow run {run.info.run_id} "
+    skipped = f"; skipped {', '.join(report['skipped_settings'])} (fixed {fixed_ways}-way head)" if report["skipped_settings"] else ""
+    print(f"{stage}: {shown} (%, {e.tasks} tasks each){skipped}; {eval_json}, MLflow run {run.info.run_id} "
           f"with {len(children)} nested runs" + (f" ({len(superseded)} earlier runs tagged superseded_by)" if superseded else ""))
 
 

@@ -39,7 +39,7 @@ def registering_stage(p: Params, role: str) -> str:
     """The stage that registers the model playing `role`."""
     if role == LEARNED:
         return "optimizer_train"
-    return f"register@{role}" if role in p.methods else "tta_source"
+    return p.registering_stage(role) if role in p.trained else "tta_source"
 
 
 def resolve(p: Params, root: Path, consumer: str, key: str | None = None) -> dict[str, dict]:

@@ -1,4 +1,5 @@
-"""Stage `register@<method>`: a new registry version of omega, tagged with its evaluation.
+"""Stages `register@<method>` and `register_import@<paper run>`: a new registry version of omega, tagged with its
+evaluation.
 
 The tags show the accuracies; `evaluation_run_id` names the evaluation run the
 promotion gate reads them (and the per-task accuracies) from.
@@ -20,21 +21,28 @@ from metaflowlib.io import read_json, write_json
 
 def main() -> None:
     p, key = params(), method_key()
-    mp = method_spec(p, key)
     train, metrics, evaluation = (read_json(ROOT / declared("register", pattern, key=key))
                                   for pattern in ("runs/*/train.json", "metrics/*/eval.json", "runs/*/evaluate.json"))
     name = p.registered_name(key)
     scores = {k: v for k, v in metrics.items() if k.startswith(("acc_", "ci95_"))}
     shown = ", ".join(f"{k[4:]} {100 * v:.2f}%" for k, v in scores.items() if k.startswith("acc_"))
-    tags = {**scores, "protocol": p.data.name, "method": mp.kind, "method_key": key, "profile": p.profile,
-            "adaptation_ms_per_task": metrics["adaptation_ms_per_task"], "meta_train_seconds": metrics["meta_train_seconds"],
-            "git_commit": tracking.git_commit(), gate.EVALUATION_RUN_TAG: evaluation["run_id"]}
+    if key in p.paper_runs:  # trained on a GPU by bench/paper_run.py, at its paper's budget
+        kind, profile, model_description = train["method"], train["profile"], ""
+        tags = {"paper_run": train["paper_run"], "cards": ", ".join(train["cards"]), "segments": str(train["segments"])}
+    else:
+        mp = method_spec(p, key)
+        kind, profile, model_description, tags = mp.kind, p.profile, mp.description, {}
+    tags |= {**scores, "protocol": p.data.name, "method": kind, "method_key": key, "profile": profile,
+             "adaptation_ms_per_task": metrics["adaptation_ms_per_task"], "meta_train_seconds": metrics["meta_train_seconds"],
+             "git_commit": tracking.git_commit(), gate.EVALUATION_RUN_TAG: evaluation["run_id"]}
     if "feature_map" in train:  # omega is read through a frozen feature map registered of its own
         tags |= {"feature_map_model": train["feature_map"]["registered_name"],
                  "feature_map_version": train["feature_map"]["registered_version"]}
-    description = (f"{mp.kind} meta-knowledge (omega) trained on {p.data.name} train classes, profile '{p.profile}', "
-                   f"{train['meta_train_episodes']} episodes. Test ({metrics['tasks']} tasks): {shown}.")
-    model_description = mp.description or f"{mp.kind} on {p.data.name}: predict(support_images, support_labels, query_images) -> labels"
+    description = (f"{kind} meta-knowledge (omega) trained on {p.data.name} train classes, profile '{profile}', "
+                   f"{train['meta_train_episodes']} episodes"
+                   + (f" on {', '.join(train['cards'])} ({train['segments']} segments)" if "cards" in train else "")
+                   + f". Test ({metrics['tasks']} tasks): {shown}.")
+    model_description = model_description or f"{kind} on {p.data.name}: predict(support_images, support_labels, query_images) -> labels"
 
     tracking.configure(p.mlflow.tracking_uri)
     version, promoted = registry.register_stage_version(train["model_uri"], name, tags, description, model_description,

@@ -55,13 +55,17 @@ def required(root: Path, path: Path, stage: str) -> Path:
 
 def method_records(p: Params, root: Path) -> list[MethodRecord]:
     records, fmt = [], load_format(root / "data" / "prepared")
-    for key in p.methods:
-        metrics = required(root, Path("metrics") / key / "eval.json", f"evaluate@{key}")
-        train = required(root, Path("runs") / key / "train.json", f"train@{key}")
-        curve = required(root, Path("metrics") / key / "train_curve.csv", f"train@{key}")
-        mp = method_spec(p, key)
-        records.append(MethodRecord(key, mp.kind, mp.model_config_dict(fmt.image_size, fmt.channels), read_json(metrics), read_json(train),
-                                    read_training_curve(curve)))
+    for key in p.trained:
+        trained, evaluated = (f"import@{key}",) * 2 if key in p.paper_runs else (f"train@{key}", f"evaluate@{key}")
+        metrics = required(root, Path("metrics") / key / "eval.json", evaluated)
+        train = required(root, Path("runs") / key / "train.json", trained)
+        curve = required(root, Path("metrics") / key / "train_curve.csv", trained)
+        if key in p.paper_runs:  # the architecture its omega was saved with
+            kind, config = (read_json(required(root, Path("models") / key / "config.json", trained))[k] for k in ("kind", "config"))
+        else:
+            mp = method_spec(p, key)
+            kind, config = mp.kind, mp.model_config_dict(fmt.image_size, fmt.channels)
+        records.append(MethodRecord(key, kind, config, read_json(metrics), read_json(train), read_training_curve(curve)))
     return records
 
 
@@ -104,7 +108,7 @@ def log_summary_run(p: Params, root: Path, device, out: Path, figures: dict[Path
     import mlflow
 
     tags = {"profile": p.profile, "dataset": p.data.name}
-    with tracking.stage_run(p, "report", "report", tags=tags, device=device, params={"methods": ",".join(p.methods)}) as run:
+    with tracking.stage_run(p, "report", "report", tags=tags, device=device, params={"methods": ",".join(p.trained)}) as run:
         mlflow.log_artifact(str(out / "summary.md"))
         for path, folder in figures.items():
             mlflow.log_artifact(str(path), folder)
@@ -115,7 +119,7 @@ def log_summary_run(p: Params, root: Path, device, out: Path, figures: dict[Path
 def main() -> None:
     p = params(shift=ShiftParams)
     run_id = write_report(p, ROOT)
-    print(f"report: {len(p.methods)} methods -> reports/summary.md, {SHOTS_PNG}, {TRAINING_PNG}, {MEMORY_PNG}, "
+    print(f"report: {len(p.trained)} methods -> reports/summary.md, {SHOTS_PNG}, {TRAINING_PNG}, {MEMORY_PNG}, "
           f"reports/plots/; MLflow run {run_id} ('report', experiment {p.experiment})")
 
 

@@ -25,6 +25,7 @@ from metaflowlib.config.common import (
     EvaluateParams,
     MethodBlock,
     MlflowParams,
+    PaperRunParams,
     RegistryParams,
     ServingParams,
     TrainParams,
@@ -57,6 +58,7 @@ class Params(Strict):
     mlflow: MlflowParams = MlflowParams()
     registry: RegistryParams = RegistryParams()
     serving: ServingParams = ServingParams()
+    paper_runs: dict[Key, PaperRunParams] = {}  # key -> a finished GPU run (bench/paper_run.py) that import@<key> brings in
     tta: Any = None
     shift: Any = None
     optimizer: Any = None
@@ -69,6 +71,22 @@ class Params(Strict):
         for setting, (ways, shots) in self.settings().items():
             check_task_shape(self.data, f"evaluate.settings[{setting}]", ways, shots + self.evaluate.queries, "test")
         return self
+
+    @model_validator(mode="after")
+    def _paper_runs_have_their_own_keys(self) -> Params:
+        """An imported run is registered as `<prefix>-<key>`, like a method: the two kinds of key must differ."""
+        shared = sorted(set(self.paper_runs) & set(self.methods))
+        if shared:
+            raise ValueError(f"paper_runs {shared} are also keys of methods: an imported run needs a key of its own")
+        return self
+
+    @property
+    def trained(self) -> list[str]:
+        """Every key with a registered omega: the methods trained here, then the imported paper runs."""
+        return [*self.methods, *self.paper_runs]
+
+    def registering_stage(self, key: str) -> str:
+        return f"register_import@{key}" if key in self.paper_runs else f"register@{key}"
 
     def settings(self) -> dict[str, tuple[int, int]]:
         """'5w1s' -> (5, 1) for each evaluation setting."""
@@ -92,7 +110,7 @@ def parse_params(data: Any, origin: str = "params", **sections: type[Strict]) ->
     if unknown:
         raise ValueError(f"not experiment sections: {unknown}; they are {SECTIONS}")
     params = validate(Params, data, origin)
-    context = {"methods": list(params.methods), "data": params.data}
+    context = {"methods": params.trained, "data": params.data}
     loaded = {name: validate(model, data.get(name) or {}, origin, f"{name}.", getattr(model, "union_tags", ()), context)
               for name, model in sections.items()}
     return params.model_copy(update={name: loaded.get(name, Unloaded(name)) for name in SECTIONS})

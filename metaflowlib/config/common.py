@@ -153,6 +153,12 @@ class MlflowParams(Strict):
     artifact_location: str = "mlartifacts"  # for new experiments on a local store
 
 
+class PaperRunParams(Strict):
+    """A paper run trained elsewhere (bench/paper_run.py on a GPU) and imported as a training run."""
+
+    run: str = Field(min_length=1)  # its directory, relative to the project root: bench/results/paper_runs/<name>
+
+
 class RegistryParams(Strict):
     model_prefix: str | None = None  # registered name = '<prefix>-<method key>'; None -> dataset name
     gate_metric: Annotated[str, Field(pattern=r"^acc_\d+w\d+s$")] = "acc_5w1s"

@@ -13,7 +13,7 @@ from metaflowlib.data.corruptions import CORRUPTIONS
 class ShiftParams(Strict):
     """Few-shot learners under shift (Omniglot-C): registered production meta-models on corrupted test tasks."""
 
-    methods: tuple[Key, ...] = ()  # keys of `methods`; none by default
+    methods: tuple[Key, ...] = ()  # keys of `methods` or `paper_runs`; none by default
     corruptions: tuple[str, ...] = CORRUPTIONS
     severity: int = Field(5, ge=1, le=5)
     setting: Setting = "5w1s"
@@ -24,10 +24,10 @@ class ShiftParams(Strict):
 
     @model_validator(mode="after")
     def _methods_exist(self, info: ValidationInfo) -> ShiftParams:
-        """Keys of `methods` (given as context by `Params.section`), whose production versions are scored."""
+        """Keys of `methods` or `paper_runs` (given as context by `parse_params`), whose production versions are scored."""
         unknown = [m for m in self.methods if m not in (info.context or {}).get("methods", self.methods)]
         if unknown:
-            raise ValueError(f"shift.methods {unknown} are not keys of methods (have: {', '.join(info.context['methods'])})")
+            raise ValueError(f"shift.methods {unknown} are not keys of methods or paper_runs (have: {', '.join(info.context['methods'])})")
         return self
 
     @model_validator(mode="after")
