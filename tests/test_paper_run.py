@@ -103,3 +103,21 @@ def test_the_committed_plan_is_params_yaml_resolved():
     names = [run["name"] for run in committed["runs"]]
     assert names[:3] == ["protonet-1shot", "protonet-5shot", "maml-5w1s"]
     assert all(run["estimate_minutes_h100"] > 0 for run in committed["runs"])
+
+
+def test_the_window_script_carries_the_state_in_and_out_through_out(setup, tmp_path):
+    """`bash bench/paper_run.sh`: the committed state goes to $OUT/paper_runs, is continued there, and comes back."""
+    project = tmp_path / "checkout"
+    (project / "bench" / "results" / "paper_runs").mkdir(parents=True)
+    (project / "bench" / "paper_run.sh").write_bytes((ROOT / "bench" / "paper_run.sh").read_bytes())
+    (project / "bench" / "paper_run.py").write_bytes((ROOT / "bench" / "paper_run.py").read_bytes())
+    (project / "metaflowlib").symlink_to(ROOT / "metaflowlib")
+    (project / "bench" / "metaflowlib_bench").symlink_to(ROOT / "bench" / "metaflowlib_bench")
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "DEVICE": "cpu", "ONLY": "protonet-tiny",
+           "PAPER_ARGS": f"--plan {setup / 'plan.json'} --pools {setup / 'pools.npz'} --precision fp32 --segment-episodes 2"}
+    done = subprocess.run(["bash", "bench/paper_run.sh"], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "paper_run exit 0" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    record = json.loads((out / "paper_runs" / "protonet-tiny" / "run.json").read_text())
+    assert record["segments"][0]["episodes_to"] == 2 and (out / "paper_run.log").is_file()
+    assert not any((project / "bench" / "results" / "paper_runs").iterdir())  # the checkout is only read

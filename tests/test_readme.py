@@ -53,7 +53,13 @@ SERVER = "tests/test_serving_http.py::test_served_model_labels_new_classes_with_
 CI = "tests/test_readme.py::test_ci_runs_the_readmes_install_and_test_commands"
 PREDICT = "tests/test_cli.py::test_predict_labels_query_folders_as_text_and_json"
 INSTALLED = "tests/test_readme.py::test_the_package_and_its_script_are_installed"
+PAPER_RUN = "tests/test_paper_run.py::test_the_committed_plan_is_params_yaml_resolved"
+PAPER_WINDOW = "tests/test_paper_run.py::test_the_window_script_carries_the_state_in_and_out_through_out"
+IMPORT = "tests/test_import_run.py::test_a_finished_run_is_registered_promoted_and_reported_like_a_trained_method"
 COVERED_ELSEWHERE = {
+    "python bench/paper_plan.py": (PAPER_RUN, ("bench", "paper_runs", "plan.json", "params.yaml")),
+    "OUT=/tmp/paper-out bash bench/paper_run.sh": (PAPER_WINDOW, ("bash", "bench/paper_run.sh", "OUT", "paper_runs")),
+    "dvc repro register_import@protonet_paper_1shot": (IMPORT, ("import_run protonet_paper", "register protonet_paper")),
     "pip install torch==2.13.0": (CI, ("pip install torch==2.13.0",)),
     "pip install -e .": (INSTALLED, ("metaflowlib", "console_scripts")),
     "dvc repro": (PIPELINE, ("repro",)),
