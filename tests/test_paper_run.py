@@ -78,6 +78,10 @@ def test_two_windows_end_bitwise_where_one_ends_and_are_scored(setup):
     assert curve[0].startswith("episode,seconds,train_loss")
     assert [row.split(",")[0] for row in curve[1:] if row.split(",")[4]] == ["3", "6", "7"]  # validated rows, seconds kept
     assert "paper 40.0" in once.stdout
+    reached = json.loads((root / "windows" / "protonet-tiny" / "evaluation.json").read_text())["seconds_to_published_on_validation"]
+    validated = {int(r.split(",")[0]): float(r.split(",")[4]) for r in curve[1:] if r.split(",")[4]}
+    first = next((e for e, accuracy in sorted(validated.items()) if 100 * accuracy >= 40), None)
+    assert set(reached) == {"3w1s"} and (reached["3w1s"] is None) == (first is None)
 
 
 def test_a_changed_plan_entry_is_refused_not_mixed_in(setup):
