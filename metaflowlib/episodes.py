@@ -236,7 +236,8 @@ class EpisodeSampler:
         if state.numel() != self.generator.get_state().numel():
             where = f"a {self.generator.device.type} generator"
             raise DataError(f"the saved task stream does not fit {where} (state of {state.numel()} bytes, "
-                            f"expected {self.generator.get_state().numel()}): resume on the device it was written on")
+                            f"expected {self.generator.get_state().numel()}): resume on the device it was written on, "
+                            "or delete the checkpoint to start afresh")
         self.generator.set_state(state)
 
 

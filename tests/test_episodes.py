@@ -65,6 +65,8 @@ def test_on_a_uniform_pool_the_device_code_draws_what_the_host_code_draws():
     """So on the CPU the two differ only where classes differ in size; on CUDA the generator is another one."""
     host, device = EpisodeSampler(pool(), 5, 1, 1, tasks=8, seed=0), EpisodeSampler(pool(), 5, 1, 1, tasks=8, seed=0, on_device=True)
     assert torch.equal(next(host).support_x, next(device).support_x)
+    with pytest.raises(DataError, match="resume on the device it was written on"):  # a CUDA generator's 16 bytes
+        host.load_state(torch.zeros(16, dtype=torch.uint8))
     if torch.cuda.is_available():
         on_gpu = EpisodeSampler(TaskPool(pool().examples.cuda(), pool().examples.long() // 8), 5, 1, 1, seed=0)
         assert on_gpu.on_device and on_gpu.generator.device.type == "cuda"
