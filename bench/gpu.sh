@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The one device check (issues 3 and 8), run from the repository root on a bare GPU machine:
 #   - ours vs higher / torchopt (second-order MAML, 5w1s, meta-batch 32) and easyfsl (ProtoNet, 5- and 60-way),
-#     adaptation latency, torch.profiler summaries, time to accuracy (ProtoNet, MAML) on Omniglot;
+#     and vs the minimal loop (bench/metaflowlib_bench/minimal.py: the same steps with nothing around them, eager and
+#     torch.compile; its compile warm-up adds about a minute, est.), adaptation latency, torch.profiler summaries,
+#     time to accuracy (ProtoNet, MAML) on Omniglot;
 #   - memory and time per meta-step of MAML/FOMAML/Reptile/iMAML against inner steps, vmap vs loop at 1 step;
 #   - ResNet-12 next to Conv-4 at 84x84 RGB (issue 19): ProtoNet and second-order MAML meta-steps/s, images/s, peak
 #     memory (2 warm-up + 5 timed steps per row: well under a minute on an H100, est.).

@@ -2,9 +2,12 @@
 
 A split lives on the device as one tensor of examples sorted by class
 (`TaskPool`). Sampling a batch of N-way K-shot Q-query tasks is a handful of
-tensor ops on indices: no per-image Python work, no DataLoader. Indices are
-drawn on the CPU from a seeded generator, so the same seed gives the same
-tasks on every device, and evaluation episodes are identical across methods.
+tensor ops on indices: no per-image Python work, no DataLoader. Evaluation
+indices are drawn on the CPU from a seeded generator, so the same seed gives
+the same tasks on every device and evaluation episodes are identical across
+methods. A training stream on a CUDA pool draws on the GPU instead, with a
+generator there (`TaskPool.sample_indices_on_device`): no host round trip per
+episode, at the price of a stream that differs from the CPU one for one seed.
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ class TaskPool:
         self.examples = examples[order.to(examples.device)]
         self.name = name
         self.embedded = False
+        self.layouts: dict[tuple[str, int, int], DeviceLayout] = {}
 
     @property
     def num_classes(self) -> int:
@@ -104,7 +108,7 @@ class TaskPool:
         """The same class layout over per-example features of the examples (episodes say `embedded`)."""
         pool = object.__new__(TaskPool)
         pool.classes, pool.counts, pool.offsets, pool.name = self.classes, self.counts, self.offsets, self.name
-        pool.examples, pool.embedded = examples, True
+        pool.examples, pool.embedded, pool.layouts = examples, True, {}
         return pool
 
     def check(self, ways: int, shots: int, queries: int) -> Tensor:
@@ -138,12 +142,42 @@ class TaskPool:
         query = positions[..., shots:].reshape(tasks, ways * queries)
         return EpisodeIndices(support, query, ways, shots, queries)
 
+    def sample_indices_on_device(
+        self, tasks: int, ways: int, shots: int, queries: int, generator: torch.Generator
+    ) -> EpisodeIndices:
+        """The distribution of `sample_indices`, drawn where `generator` lives, with no host sync: the class layout is
+        copied there once per shape, and every class draws from the widest eligible class's width (`sample_indices`
+        reads the widest chosen class back to the host). The same seed gives other tasks than `sample_indices`."""
+        layout = self.layout_on(generator.device, ways, shots, queries)
+        device = generator.device
+        keys = torch.rand(tasks, layout.eligible.numel(), generator=generator, device=device)
+        chosen = layout.eligible[keys.argsort(dim=1)[:, :ways]]  # [T, N]
+        draws = torch.rand(tasks, ways, layout.width, generator=generator, device=device)
+        if not layout.uniform:  # padding positions of the smaller classes sort last
+            draws = draws.masked_fill(layout.positions >= layout.counts[chosen][..., None], 2.0)
+        picks = draws.argsort(dim=2)[..., : shots + queries]  # [T, N, K+Q]
+        positions = layout.offsets[chosen][..., None] + picks
+        support = positions[..., :shots].reshape(tasks, ways * shots)
+        query = positions[..., shots:].reshape(tasks, ways * queries)
+        return EpisodeIndices(support, query, ways, shots, queries)
+
+    def layout_on(self, device: torch.device, ways: int, shots: int, queries: int) -> DeviceLayout:
+        """The eligible classes' layout on `device`: checked and copied once per (device, shape)."""
+        key = (str(device), ways, shots + queries)
+        if key not in self.layouts:
+            eligible = self.check(ways, shots, queries)
+            counts = self.counts[eligible]
+            width = int(counts.max())
+            self.layouts[key] = DeviceLayout(eligible.to(device), self.counts.to(device), self.offsets.to(device),
+                                             torch.arange(width, device=device), width, bool(counts.min() == width))
+        return self.layouts[key]
+
     def gather(self, indices: EpisodeIndices) -> Episode:
         """Materialize tasks on the pool's device."""
         device = self.examples.device
-        t = indices.support.shape[0]
-        support_y = torch.arange(indices.ways, device=device).repeat_interleave(indices.shots).expand(t, -1)
-        query_y = torch.arange(indices.ways, device=device).repeat_interleave(indices.queries).expand(t, -1)
+        t, ways, shots, queries = indices.support.shape[0], indices.ways, indices.shots, indices.queries
+        support_y = (torch.arange(ways * shots, device=device) // shots).expand(t, -1)  # 0..0 1..1 ...: no host sync
+        query_y = (torch.arange(ways * queries, device=device) // queries).expand(t, -1)
         return Episode(
             support_x=self.examples[indices.support.to(device)],
             support_y=support_y,
@@ -154,21 +188,43 @@ class TaskPool:
         )
 
 
+@dataclass(frozen=True)
+class DeviceLayout:
+    """A pool's class layout on one device, for one task shape: what `TaskPool.sample_indices_on_device` reads."""
+
+    eligible: Tensor  # [C'] classes with >= K+Q examples
+    counts: Tensor  # [C] examples per class
+    offsets: Tensor  # [C] first position of each class
+    positions: Tensor  # [width] 0..width-1
+    width: int  # the largest eligible class
+    uniform: bool  # every eligible class has `width` examples (Omniglot: 20): no padding to mask
+
+
 def name_shape(ways: int, shots: int, queries: int) -> str:
     return f"{ways}-way {shots}-shot {queries}-query"
 
 
 class EpisodeSampler:
-    """An endless stream of task batches from one pool, reproducible from `seed`."""
+    """An endless stream of task batches from one pool, reproducible from `seed`.
 
-    def __init__(self, pool: TaskPool, ways: int, shots: int, queries: int, tasks: int = 1, seed: int = 0) -> None:
+    Args:
+        on_device: draw the indices where the pool is, with a generator there and no host sync
+            (`TaskPool.sample_indices_on_device`; another stream than the CPU's for one seed).
+            None (default): on a CUDA pool only, so a CPU pool's stream stays the CPU one. True on a
+            CPU pool runs the same code on the CPU (the tests do).
+    """
+
+    def __init__(self, pool: TaskPool, ways: int, shots: int, queries: int, tasks: int = 1, seed: int = 0,
+                 on_device: bool | None = None) -> None:
         pool.check(ways, shots, queries)
         self.pool, self.ways, self.shots, self.queries, self.tasks = pool, ways, shots, queries, tasks
-        self.generator = torch.Generator().manual_seed(seed)
+        device = pool.examples.device
+        self.on_device = device.type == "cuda" if on_device is None else on_device
+        self.generator = torch.Generator(device if self.on_device else "cpu").manual_seed(seed)
 
     def __next__(self) -> Episode:
-        indices = self.pool.sample_indices(self.tasks, self.ways, self.shots, self.queries, self.generator)
-        return self.pool.gather(indices)
+        draw = self.pool.sample_indices_on_device if self.on_device else self.pool.sample_indices
+        return self.pool.gather(draw(self.tasks, self.ways, self.shots, self.queries, self.generator))
 
     def __iter__(self) -> EpisodeSampler:
         return self
@@ -177,6 +233,11 @@ class EpisodeSampler:
         return self.generator.get_state()
 
     def load_state(self, state: Tensor) -> None:
+        if state.numel() != self.generator.get_state().numel():
+            where = f"a {self.generator.device.type} generator"
+            raise DataError(f"the saved task stream does not fit {where} (state of {state.numel()} bytes, "
+                            f"expected {self.generator.get_state().numel()}): resume on the device it was written on, "
+                            "or delete the checkpoint to start afresh")
         self.generator.set_state(state)
 
 

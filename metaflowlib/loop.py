@@ -1,6 +1,7 @@
 """The one training loop: budget, validation with the best state kept, checkpoints, signals, progress, logging.
 
-A training is a step function (one update; returns float metrics) and the objects it changes,
+A training is a step function (one update; returns its metrics, as floats or as 0-dim tensors that
+may stay on the device until the loop logs them) and the objects it changes,
 registered by name: anything with `state_dict()` / `load_state_dict()` (modules, optimizers,
 schedulers, a `Minibatches` stream, an optimizee trajectory). `Loop` owns the rest, once for
 every training in the project: the budget (steps and/or seconds of step time), validation every
@@ -8,7 +9,9 @@ every training in the project: the budget (steps and/or seconds of step time), v
 pickle) every `checkpoint_every` steps and on SIGINT/SIGTERM, resuming from one bitwise (the
 registered states, torch/numpy/Python RNGs, counters, best state, history), progress, the
 `log(metrics, step)` callback, and peak memory. It imports torch, numpy and the core only: metrics
-leave through `log`, so a loop runs on a bare GPU machine.
+leave through `log`, so a loop runs on a bare GPU machine. A step need not wait for the device: the
+loop reads tensors back only at the steps it logs, reports, validates or checkpoints, and a `guard`
+(e.g. an on-device "all finite so far" flag) is checked just before those reads and writes.
 
     loop = Loop(step, max_steps=1000, state={"model": model, "optimizer": optimizer},
                 validate=validate, val_every=100, keep=model, checkpoint_dir=Path("ckpt"))
@@ -39,6 +42,7 @@ from metaflowlib.io import load_checkpoint, save_checkpoint
 from metaflowlib.memory import PeakMemory
 
 LogFn = Callable[[dict[str, float], int], None]
+Metrics = Mapping[str, "float | Tensor"]
 LAYOUT = 1  # of the checkpoint; one from the per-training loops before this module is refused, not misread
 PROGRESS = ("bar", "log", "off")
 
@@ -83,7 +87,9 @@ class Loop:
     """Run `train_step` until the budget is spent.
 
     Args:
-        train_step: one update; returns float metrics. It may read `loop.step` (steps done before it).
+        train_step: one update; returns its metrics, floats or 0-dim tensors. Tensors may stay on the device:
+            the loop turns them into floats (in one transfer) only at the steps it logs, reports or validates,
+            so a step need not sync a GPU. It may read `loop.step` (steps done before it).
         max_steps / max_seconds: the budget, whichever comes first (seconds of step time, summed over resumes).
         state: everything a resumed run needs besides the RNGs, by name.
         validate: the score of the current state, higher is better, logged as `score` every `val_every`
@@ -99,6 +105,11 @@ class Loop:
             (plus `unit: step`) make the history.
         progress: "bar" (tqdm on stderr), "log" (a line at each validation and every `report_every` steps,
             showing the metrics named in `show`), or "off". `name` prefixes the lines; `unit` names a step.
+        guard: raises (e.g. DivergenceError) if the steps since its last call left a state that must not be
+            logged, validated, kept or saved; called, at most once per step, before the loop reads the metrics
+            back, before each validation and checkpoint, and when the budget is spent (`checked`: the step of
+            its last passing call). A step that folds a check into a device flag is checked at that cadence
+            instead of syncing every step; a device wait in the guard counts as step time.
         distributed: this rank's place in a data-parallel group, or None. Step times are the slowest
             rank's and a signal to any rank stops all, so every rank stops at the same step; only rank 0
             logs, prints and writes checkpoints. Every rank calls `validate` (which must return the same
@@ -110,14 +121,14 @@ class Loop:
     """
 
     def __init__(
-        self, train_step: Callable[[], Mapping[str, float]], *, max_steps: int | None = None,
+        self, train_step: Callable[[], Metrics], *, max_steps: int | None = None,
         max_seconds: float | None = None, state: Mapping[str, Stateful] | None = None,
         validate: Callable[[], float] | None = None, val_every: int | None = None, score: str = "val_accuracy",
         keep: Stateful | None = None, on_validation: Callable[[], Mapping[str, float]] | None = None,
         checkpoint_dir: str | Path | None = None, checkpoint_every: int = 500, log: LogFn | None = None,
         log_every: int = 1, progress: str = "log", report_every: int | None = None, show: Sequence[str] = (),
         name: str = "", unit: str = "step", device: torch.device | str = "cpu", distributed: Replicas | None = None,
-        stop_when: Callable[[], bool] | None = None,
+        guard: Callable[[], None] | None = None, stop_when: Callable[[], bool] | None = None,
     ) -> None:
         if max_steps is None and max_seconds is None:
             raise ValueError("a budget needs max_steps or max_seconds")
@@ -144,6 +155,7 @@ class Loop:
         self.progress = progress if self.is_main else "off"
         self.report_every, self.show, self.name, self.unit = report_every, tuple(show), name, unit
         self.device = torch.device(device)
+        self.guard, self.checked = guard, 0
         self.step, self.seconds = 0, 0.0
         self.best_score, self.best_step, self.best = -math.inf, 0, None
         self.history: list[dict[str, float]] = []
@@ -153,6 +165,7 @@ class Loop:
 
     def run(self) -> LoopResult:
         self._resume()
+        self.checked = self.step
         if self.keep is not None and self.best is None:
             self.best = copy.deepcopy(self.keep.state_dict())
         with PeakMemory(self.device) as memory, self._stop_on_signals(), self._bar() as bar:
@@ -160,24 +173,41 @@ class Loop:
                 if self._stop_requested():
                     self._stop()
                 began = time.perf_counter()
-                metrics = dict(self.train_step())
-                self.seconds += self._slowest(time.perf_counter() - began)
+                metrics = self.train_step()
                 self.step += 1
-                validated = self.validate is not None and (
-                    (self.val_every is not None and self.step % self.val_every == 0) or self.spent())
-                if validated:
-                    metrics.update(self._validate())
-                if self.step % self.log_every == 0 or validated:
-                    self.history.append({self.unit: self.step, **metrics})
-                    if self.log is not None and self.is_main:
-                        self.log(metrics, self.step)
-                self._report(metrics, validated, bar)
-                if self.checkpoint_dir is not None and (self.step % self.checkpoint_every == 0 or self.spent()):
+                validating = self.validate is not None and self.val_every is not None and self.step % self.val_every == 0
+                logging = self.step % self.log_every == 0
+                reporting = self.progress == "log" and self.report_every is not None and self.step % self.report_every == 0
+                saving = self.checkpoint_dir is not None and self.step % self.checkpoint_every == 0
+                if validating or logging or reporting or saving:
+                    self._check()  # before anything is read back or written; its wait for the device is step time
+                self.seconds += self._slowest(time.perf_counter() - began)
+                if self.spent():
+                    self._check()
+                    validating, saving = self.validate is not None, self.checkpoint_dir is not None
+                if bar is not None:
+                    bar.update(1)
+                if validating or logging or reporting:
+                    values = read_back(metrics)
+                    if validating:
+                        values.update(self._validate())
+                    if logging or validating:
+                        self.history.append({self.unit: self.step, **values})
+                        if self.log is not None and self.is_main:
+                            self.log(values, self.step)
+                    self._report(values, validating, bar)
+                if saving:
                     self.save()
         if self.keep is not None:
             self.keep.load_state_dict(self.best)
         return LoopResult(self.step, self.seconds, self.best_score, self.best_step, memory.peak_mb(), memory.kind,
                           self.history)
+
+    def _check(self) -> None:
+        """The guard, once per step: nothing the steps since its last call left is read, kept or saved unchecked."""
+        if self.guard is not None and self.checked != self.step:
+            self.guard()
+        self.checked = self.step
 
     def spent(self) -> bool:
         return (self.max_steps is not None and self.step >= self.max_steps) or (
@@ -234,7 +264,8 @@ class Loop:
     # --- checkpoints ------------------------------------------------------------------------------------------
 
     def save(self) -> None:
-        """Write the checkpoint: a collective when distributed (every rank's states), then rank 0 writes."""
+        """Write the checkpoint (after the guard): a collective when distributed (every rank's states), then rank 0 writes."""
+        self._check()
         state = {
             "layout": LAYOUT, "step": self.step, "seconds": self.seconds, "best_score": self.best_score,
             "best_step": self.best_step, "best": self.best, "history": self.history,
@@ -283,9 +314,9 @@ class Loop:
             bar.close()
 
     def _report(self, metrics: Mapping[str, float], validated: bool, bar: Any) -> None:
+        """The bar's numbers, or a progress line (at each validation and every `report_every` steps)."""
         shown = {key: metrics[key] for key in self.show if key in metrics}
         if bar is not None:
-            bar.update(1)
             best = {"best": f"{self.best_score:.3f}"} if self.validate is not None else {}
             bar.set_postfix({**{key: f"{value:.3f}" for key, value in shown.items()}, **best})
         elif self.progress == "log" and (validated or (self.report_every and self.step % self.report_every == 0)):
@@ -347,6 +378,18 @@ class Minibatches:
         self.generator.set_state(state["generator"].clone())  # set_state on a view of a larger storage segfaults
         self.order = None if state["order"] is None else state["order"].to(self.device)
         self.position = state["position"]
+
+
+def read_back(metrics: Metrics) -> dict[str, Any]:
+    """The metrics with every tensor read back as a float, all in one transfer (float64 holds each float dtype
+    exactly, so a tensor reads as `float(tensor)` would); other values as they are."""
+    tensors = {key: value for key, value in metrics.items() if isinstance(value, Tensor)}
+    if not tensors:
+        return dict(metrics)
+    where = next(iter(tensors.values())).device
+    read = torch.stack([value.detach().reshape(()).to(where, torch.float64) for value in tensors.values()]).tolist()
+    floats = dict(zip(tensors, read))
+    return {key: floats.get(key, value) for key, value in metrics.items()}
 
 
 def rng_states() -> dict:

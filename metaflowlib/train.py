@@ -3,13 +3,15 @@
 Every method goes through `MetaTrainer`: its step draws a task batch, asks the
 method for the meta-gradient of omega and applies the outer optimizer; the
 loop owns the budget, validation, checkpoints, signals, progress and logging.
+A step never waits for the device: its metrics stay tensors until the loop logs
+them, and the divergence guard is a device flag the loop checks before it logs,
+validates or writes a checkpoint.
 It imports no tracking library: metrics leave through the `log` callback, so
 meta-training runs on a bare GPU machine too.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,7 @@ __all__ = [
     "Replicas",
     "TrainResult",
     "build_meta_optimizer",
-    "gradients_finite",
+    "gradient_norm",
     "restore_rng_states",
     "rng_states",
 ]
@@ -56,9 +58,13 @@ def build_meta_optimizer(
     total_steps: int | None = None,
 ):
     """The outer optimizer of omega and its per-meta-step schedule: a step decay, or linear from lr to 0
-    over `total_steps` (Nichol et al.'s outer step size, annealed to `--meta-step-final 0`)."""
+    over `total_steps` (Nichol et al.'s outer step size, annealed to `--meta-step-final 0`).
+
+    Adam is the fused kernel (`fused=True`: one launch for every parameter) when omega is on CUDA; on a CPU
+    the default (foreach) Adam, whose updates the recorded omega digests pin."""
     params = [p for p in method.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr) if name == "adam" else torch.optim.SGD(params, lr=lr)
+    fused = {"fused": True} if params and all(p.is_cuda for p in params) else {}
+    optimizer = torch.optim.Adam(params, lr=lr, **fused) if name == "adam" else torch.optim.SGD(params, lr=lr)
     if schedule == "linear":
         if not total_steps:
             raise ValueError("a linear schedule needs total_steps (an episode budget)")
@@ -78,6 +84,7 @@ class MetaTrainer:
             SIGINT/SIGTERM, which stop the loop after the current meta-step (`Interrupted`).
         log: receives {"train_loss", "train_accuracy", "lr"} every `log_every` episodes, with "val_accuracy"
             at each validation.
+        grad_clip: clip the meta-gradient to this 2-norm before the update (None: no clipping).
         diagnose: omega -> named numbers logged with each validation (the method's `diagnostics` on a fixed
             batch of tasks: whether its assumptions hold), computed in training mode.
         progress: "bar" (tqdm), "log" (a line per validation), or "off".
@@ -89,6 +96,12 @@ class MetaTrainer:
 
     The loop is built by `run`, from the attributes as they are then; `meta_step` alone drives no loop
     (the throughput benchmarks time it).
+
+    Divergence: each step folds "loss and meta-gradient finite" into `finite`, a flag on the device (no host
+    sync); the loop's guard (`check_finite`) reads it before it logs, validates or writes a checkpoint, and
+    raises DivergenceError naming the episodes since the last check. Omega after a non-finite step is not
+    rolled back: the steps of that window are discarded with the run, as no validation keeps and no
+    checkpoint saves a state the guard has not passed (so `method` holds the diverged omega after the error).
     """
 
     def __init__(
@@ -111,6 +124,7 @@ class MetaTrainer:
         self.precision = method.precision(precision)
         self.grad_clip = grad_clip
         self.device = next(method.parameters()).device
+        self.finite = torch.ones((), dtype=torch.bool, device=self.device)  # every step since the last check
         self.loop: Loop | None = None
 
     @property
@@ -137,14 +151,15 @@ class MetaTrainer:
             on_validation=self._diagnose if self.diagnose is not None else None,
             checkpoint_dir=self.checkpoint_dir, checkpoint_every=self.checkpoint_every, log=log or self.log,
             log_every=self.log_every, progress=self.progress, show=("train_loss", "val_accuracy"), unit="episode",
-            device=self.device, distributed=self.distributed, stop_when=self.stop_when,
+            device=self.device, distributed=self.distributed, guard=self.check_finite, stop_when=self.stop_when,
         )
         result = self.loop.run()
         return TrainResult(result.steps, result.seconds, result.best_score, result.best_step, result.peak_memory_mb,
                            result.memory_kind, result.history)
 
-    def meta_step(self) -> dict[str, float]:
-        """One outer step: draw a task batch, accumulate the meta-gradient, guard against divergence, update omega."""
+    def meta_step(self) -> dict[str, torch.Tensor | float]:
+        """One outer step: draw a task batch, accumulate the meta-gradient, fold the divergence check into
+        `finite`, update omega. Returns the loss and accuracy as 0-dim tensors where omega is (no host sync)."""
         self.method.train()
         episode = next(self.sampler)
         self.optimizer.zero_grad(set_to_none=True)
@@ -152,14 +167,23 @@ class MetaTrainer:
             stats = self.method.meta_gradient(episode)
         if self.distributed is not None:  # before the guard and the clip: every rank then decides alike
             stats = StepStats(*self.distributed.average_gradients(self.method, (stats.loss, stats.accuracy)))
-        if not math.isfinite(stats.loss) or not gradients_finite(self.method):
-            where = f"; last good checkpoint: {self.checkpoint_dir}" if self.checkpoint_dir else ""
-            raise DivergenceError(f"non-finite meta-loss or gradient at episode {self.episode + 1} (loss {stats.loss}){where}")
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.grad_clip)
+        if self.grad_clip:  # the norm before clipping
+            norm = torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.grad_clip)
+        else:
+            norm = gradient_norm(self.method)
+        self.finite &= torch.isfinite(norm + torch.as_tensor(stats.loss, device=self.device))  # a NaN or inf in either
         self.optimizer.step()
         self.scheduler.step()
         return {"train_loss": stats.loss, "train_accuracy": stats.accuracy, "lr": self.scheduler.get_last_lr()[0]}
+
+    def check_finite(self) -> None:
+        """The loop's guard: one host sync, for every step since the last check."""
+        if bool(self.finite):
+            return
+        checked, now = (0, self.episode) if self.loop is None else (self.loop.checked, self.loop.step)
+        where = f"; last good checkpoint: {self.checkpoint_dir}" if self.checkpoint_dir else ""
+        raise DivergenceError(f"non-finite meta-loss or gradient in episodes {checked + 1}-{now} (checked before each log, "
+                              f"validation and checkpoint: no omega after episode {checked} was validated or saved){where}")
 
     def _validate(self) -> float:
         if self.distributed is None:
@@ -215,7 +239,8 @@ def diagnostics_on(pool: TaskPool, ways: int, shots: int, queries: int, seed: in
     return lambda method: method.diagnostics(episode)
 
 
-def gradients_finite(module: torch.nn.Module) -> bool:
-    """One device sync for every parameter's gradient (a per-tensor check stalls a GPU once per tensor)."""
+def gradient_norm(module: torch.nn.Module) -> torch.Tensor:
+    """The 2-norm of every parameter's gradient together, a 0-dim tensor where they are (a fused kernel per device
+    and dtype, no host sync): finite exactly when every gradient is, or overflowing past about 1e19 in float32."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=next(module.parameters()).device)

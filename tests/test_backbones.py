@@ -53,7 +53,7 @@ def test_every_method_meta_trains_over_every_backbone_on_rgb(kind: str, backbone
     method = build_method(kind, **config)
     trainable = [p for p in method.parameters() if p.requires_grad]
     stats = method.meta_gradient(rgb_episode())
-    assert torch.isfinite(torch.tensor(stats.loss))
+    assert torch.isfinite(torch.as_tensor(stats.loss))
     grads = [p.grad for p in trainable if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
     method.eval()
@@ -95,7 +95,7 @@ def test_dropblock_drops_blocks_in_training_only_and_keeps_the_mean() -> None:
     assert 0.1 < dropped < 0.3 and abs(float(y.mean()) - 1) < 0.05
     assert torch.equal(block.eval()(x), x)
     maml = MAML(ways=WAYS, in_channels=3, image_size=SIDE, backbone={**NARROW, "drop_rate": 0.1}, vectorize="vmap")
-    assert torch.isfinite(torch.tensor(maml.meta_gradient(rgb_episode()).loss))  # random masks under vmap: per task
+    assert torch.isfinite(torch.as_tensor(maml.meta_gradient(rgb_episode()).loss))  # random masks under vmap: per task
 
 
 def test_the_omega_records_its_backbone_and_rebuilds_it(tmp_path) -> None:

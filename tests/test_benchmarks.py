@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import class_images
 
-from metaflowlib_bench import cases, peers
-from metaflowlib_bench.suite import main, markdown, ratios, run_isolated
+from metaflowlib_bench import cases, minimal, peers
+from metaflowlib_bench.suite import limits, main, markdown, ratios, run_isolated
 from metaflowlib_bench.timing import rate, spread
 from metaflowlib.episodes import fixed_episodes
 
@@ -45,6 +45,38 @@ def test_peers_compute_the_same_float64_maml_meta_gradient_as_ours() -> None:
     row = cases.maml_gradient_agreement(inner_steps=2, tasks=2, hidden=8)
     for name in ("ours-vmap", "higher", "torchopt"):
         assert row[f"{name}_relative_difference"] < 1e-10, row
+
+
+def test_the_minimal_loop_computes_our_second_order_maml_meta_gradient() -> None:
+    row = cases.maml_gradient_agreement(inner_steps=1, tasks=2, hidden=8)
+    assert row["minimal_relative_difference"] < 1e-10, row
+
+
+def test_the_minimal_loop_draws_distinct_classes_and_examples_on_the_pools_device(pools_path: Path) -> None:
+    pools, _ = cases.load_pools(pools_path, torch.device("cpu"))
+    tasks = minimal.DeviceTasks(pools["train"], seed=0)
+    positions = tasks.draw(3, 5, 4)  # [T, N, K+Q]
+    classes = torch.repeat_interleave(torch.arange(8), pools["train"].counts)[positions]
+    assert positions.shape == (3, 5, 4) and (classes == classes[..., :1]).all()
+    assert all(classes[t, :, 0].unique().numel() == 5 and positions[t].unique().numel() == 20 for t in range(3))
+    with pytest.raises(ValueError, match="CUDA only"):
+        minimal.protonet_step(pools["train"], 5, 1, 3, torch.device("cpu"), compile=True)
+
+
+def test_the_minimal_protonet_loop_runs_in_quick_mode_and_reports_what_the_summary_reads(pools_path: Path) -> None:
+    config = {"device": "cpu", "case": "protonet_training", "ways": 5, "shots": 1, "queries": 5, "warmup": 1, "steps": 1,
+              "repeats": 1}
+    rows = [cases.run_case({**config, "library": library, "variant": variant}, pools_path)
+            for library, variant in (("ours", "fp32"), ("minimal", "eager"))]
+    limit = rows[1]
+    assert (limit["library"], limit["variant"], limit["episode"], limit["data"]) == ("minimal", "eager", "5w1s5q", "tiny-synthetic")
+    assert limit["episodes_per_second"]["median"] > 0 and limit["sampling_seconds"] > 0 and limit["sampling_share_of_step"] > 0
+    assert isinstance(limit["peak_bytes"], int) and limit["memory_kind"] == rows[0]["memory_kind"]
+    [paired] = limits(rows)
+    assert (paired["ours"], paired["peer_variant"]) == ("fp32", "eager") and not ratios(rows)
+    text = markdown({"device": "cpu", "torch": "x", "threads": 1, "rows": rows, "ratios": [], "limits": [paired], "notes": []})
+    assert "## ours / minimal loop (same run)" in text and "| protonet_training | 5w1s5q | fp32 | eager |" in text
+    assert "- sampling, minimal eager 5w1s5q:" in text and "| 5w1s5q | minimal | eager |" in text
 
 
 @pytest.mark.usefixtures("peer_workarounds_undone")
@@ -98,11 +130,13 @@ def test_harness_runs_every_library_and_writes_ratios(pools_path: Path, tmp_path
           "--only", "maml_training", "--maml-tasks", "4"])
     results = json.loads((out / "results.json").read_text())
     libraries = {(r["library"], r["variant"]) for r in results["rows"]}
-    assert libraries == {("ours", "loop"), ("ours", "vmap"), ("higher", ""), ("torchopt", "")}
+    assert libraries == {("ours", "loop"), ("ours", "vmap"), ("higher", ""), ("torchopt", ""), ("minimal", "eager")}
     assert all("error" not in r and r["tasks_per_second"]["median"] > 0 and r["data"] == "tiny-synthetic"
                and r["tasks_per_step"] == 4 for r in results["rows"])
     assert {(r["ours"], r["peer"]) for r in results["ratios"]} == {(o, p) for o in ("loop", "vmap") for p in ("higher", "torchopt")}
-    assert "## ours / peer (same run)" in (out / "summary.md").read_text()
+    assert {(r["ours"], r["peer_variant"]) for r in results["limits"]} == {("loop", "eager"), ("vmap", "eager")}
+    summary = (out / "summary.md").read_text()
+    assert "## ours / peer (same run)" in summary and "## ours / minimal loop (same run)" in summary
 
 
 def test_an_isolated_case_runs_in_a_fresh_process_and_reports_its_own_peak(pools_path: Path) -> None:

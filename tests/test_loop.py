@@ -232,3 +232,26 @@ def test_a_kill_between_the_checkpoint_renames_loses_nothing(tmp_path, new_one_w
     loaded = load_checkpoint(state)
     assert loaded["step"] == (2 if new_one_written else 1) and torch.equal(loaded["w"], torch.full((2,), 2.0 if new_one_written else 1.0))
     assert not staging.exists() and (state / "state.json").is_file()
+
+
+def test_tensor_metrics_are_read_back_at_the_log_cadence_after_the_guard(tmp_path):
+    toy, guarded = Toy(), []
+
+    def step() -> dict[str, torch.Tensor]:
+        toy.step()
+        return {"loss": torch.tensor(loop.step + 0.5), "accuracy": torch.tensor(0.25, dtype=torch.float64), "lr": 0.1}
+
+    def guard() -> None:
+        guarded.append(loop.step)
+        if loop.step == 9:
+            raise RuntimeError("diverged")
+
+    loop = toy.loop(log_every=3, val_every=4, checkpoint_every=5, max_steps=10, checkpoint_dir=tmp_path / "ckpt")
+    loop.train_step, loop.guard = step, guard
+    with pytest.raises(RuntimeError, match="diverged"):
+        loop.run()
+    assert guarded == [3, 4, 5, 6, 8, 9]  # once per step that logs, validates or saves: before any of it
+    assert [row["step"] for row in loop.history] == [3, 4, 6, 8]
+    assert loop.history[0] == {"step": 3, "loss": 2.5, "accuracy": 0.25, "lr": 0.1}
+    assert all(type(row["loss"]) is float for row in loop.history)
+    assert load_checkpoint(tmp_path / "ckpt")["step"] == 5 and loop.checked == 8  # step 9's guard refused: nothing saved

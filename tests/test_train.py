@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import random
 import signal
@@ -8,15 +9,17 @@ import torch
 
 from metaflowlib.episodes import EpisodeSampler
 from metaflowlib.errors import DivergenceError, Interrupted
+from metaflowlib.io import load_checkpoint
 from metaflowlib.methods import ProtoNet
 from metaflowlib.train import MetaTrainer, build_meta_optimizer
 
 
-def make_trainer(pool, *, episodes, checkpoint_dir=None, checkpoint_every=100, validate=None, seed=0):
+def make_trainer(pool, *, episodes, checkpoint_dir=None, checkpoint_every=100, validate=None, seed=0, optimizer="adam",
+                 on_device=None):
     torch.manual_seed(seed)
     method = ProtoNet(hidden=8)
-    optimizer, scheduler = build_meta_optimizer(method, "adam", 1e-2, 3, 0.5)
-    sampler = EpisodeSampler(pool, 5, 1, 2, tasks=2, seed=seed)
+    optimizer, scheduler = build_meta_optimizer(method, optimizer, 1e-2, 3, 0.5)
+    sampler = EpisodeSampler(pool, 5, 1, 2, tasks=2, seed=seed, on_device=on_device)
     validate = validate or (lambda m: float(-sum(p.detach().abs().sum() for p in m.parameters())))
     return MetaTrainer(method, sampler, optimizer, scheduler, validate=validate, val_every=2, max_episodes=episodes,
                        max_seconds=None, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, progress="off")
@@ -83,12 +86,81 @@ def test_resumed_run_ends_bitwise_equal_to_uninterrupted(tiny_pool, tmp_path):
     assert np.array_equal(after_straight[1], after_resumed[1]) and after_straight[2] == after_resumed[2]
 
 
-def test_non_finite_loss_stops_with_the_step(tiny_pool, tmp_path):
+def test_non_finite_loss_stops_at_the_first_check(tiny_pool, tmp_path):
     trainer = make_trainer(tiny_pool, episodes=5, checkpoint_dir=tmp_path / "ckpt")
     with torch.no_grad():
         trainer.method.embedding.blocks[0].weight.fill_(float("nan"))
-    with pytest.raises(DivergenceError, match=r"episode 1 .*last good checkpoint"):
+    with pytest.raises(DivergenceError, match=r"episodes 1-2 .*no omega after episode 0 .*last good checkpoint"):
+        trainer.run()  # the first check: before the validation at episode 2
+
+
+class PoisonedFrom:
+    """The sampler's task stream, with NaN images from draw `first` on."""
+
+    def __init__(self, sampler, first):
+        self.sampler, self.first, self.draws = sampler, first, 0
+
+    def __next__(self):
+        self.draws += 1
+        episode = next(self.sampler)
+        return episode if self.draws < self.first else dataclasses.replace(episode, query_x=episode.query_x * float("nan"))
+
+    def state(self):
+        return self.sampler.state()
+
+    def load_state(self, state):
+        self.sampler.load_state(state)
+
+
+def test_a_divergence_names_its_window_and_leaves_the_last_checkpoint_finite(tiny_pool, tmp_path):
+    trainer = make_trainer(tiny_pool, episodes=8, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=2)
+    trainer.sampler = PoisonedFrom(trainer.sampler, first=3)
+    with pytest.raises(DivergenceError, match=r"in episodes 3-4 .*no omega after episode 2 "):
         trainer.run()
+    assert not all(torch.isfinite(p).all() for p in trainer.method.parameters())  # the window's omega, never saved
+    saved = load_checkpoint(tmp_path / "ckpt")
+    assert saved["step"] == 2 and all(torch.isfinite(t).all() for t in saved["state"]["omega"].values())
+    assert all(torch.isfinite(t).all() for t in saved["best"].values())
+
+
+def test_a_meta_step_reads_nothing_back_from_the_device(tiny_pool, monkeypatch):
+    """The metrics stay tensors and the guard a flag: no float(), bool(), .item() or .tolist() from Python in a step
+    (plain SGD: Adam's CPU kernels read their step count with .item())."""
+    trainer = make_trainer(tiny_pool, episodes=3, optimizer="sgd", on_device=True)
+    trainer.meta_step()  # the first draw reads the class layout (on the host) and copies it to the device once
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a host sync in the step")
+
+    for name in ("__bool__", "__float__", "__int__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    metrics = [trainer.meta_step() for _ in range(3)]
+    monkeypatch.undo()
+    assert all(isinstance(m["train_loss"], torch.Tensor) and m["train_loss"].ndim == 0 for m in metrics)
+    assert bool(trainer.finite)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: torch.cuda.set_sync_debug_mode")
+@pytest.mark.parametrize("kind", ["protonet", "maml"])
+def test_on_cuda_a_meta_step_never_syncs(tiny_pool, kind):
+    from metaflowlib.episodes import TaskPool
+    from metaflowlib.methods import build_method
+
+    pool = TaskPool(tiny_pool.examples.cuda(), torch.repeat_interleave(tiny_pool.classes, tiny_pool.counts), "train")
+    torch.manual_seed(0)
+    method = (ProtoNet(hidden=8) if kind == "protonet" else build_method("maml", ways=5, hidden=8, vectorize="vmap")).cuda()
+    optimizer, scheduler = build_meta_optimizer(method, "adam", 1e-3, 10, 1.0)
+    assert optimizer.defaults["fused"]
+    trainer = MetaTrainer(method, EpisodeSampler(pool, 5, 1, 2, tasks=4), optimizer, scheduler, validate=lambda m: 0.0,
+                          val_every=10, max_episodes=10, max_seconds=None, progress="off")
+    trainer.meta_step()  # warm-up: the sampler copies the class layout once, cuDNN picks its kernels
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            trainer.meta_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert bool(trainer.finite)
 
 
 def test_budget_is_required(tiny_pool):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metaflowlib_bench import peers
+from metaflowlib_bench import minimal, peers
 from metaflowlib_bench.timing import rate, seconds_per_call
 from metaflowlib.episodes import Episode, EpisodeSampler, TaskPool, fixed_episodes
 from metaflowlib.evaluate import (
@@ -134,6 +134,7 @@ def protonet_training(config: Row, pools: dict[str, TaskPool]) -> Row:
     ours/fp32: our loop in fp32, NCHW. ours/default: the pipeline's defaults (bf16
     autocast where the device has bf16 units, channels_last). easyfsl: its TaskSampler,
     DataLoader and PrototypicalNetworks on the same Conv-4, fp32, as its README trains.
+    minimal/eager, minimal/compile: the minimal loop (minimal.py), fp32, NCHW; compile on CUDA only.
     """
     device, pool = _device(config), pools["train"]
     ways, shots, queries = config["ways"], config["shots"], config["queries"]
@@ -150,6 +151,10 @@ def protonet_training(config: Row, pools: dict[str, TaskPool]) -> Row:
         row["channels_last"] = variant == "default"
         sampler = trainer.sampler
         sample_seconds = seconds_per_call(lambda: next(sampler), device, warmup=2, calls=config["steps"], repeats=config["repeats"])
+    elif library == "minimal":
+        step, sample = minimal.protonet_step(pool, ways, shots, queries, device, compile=variant == "compile")
+        row.update(precision="fp32", channels_last=False)
+        sample_seconds = seconds_per_call(sample, device, warmup=2, calls=config["steps"], repeats=config["repeats"])
     else:
         model = peers.easyfsl_protonet(peers.plain_conv4()).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -179,10 +184,12 @@ def protonet_training(config: Row, pools: dict[str, TaskPool]) -> Row:
 
 
 def maml_training(config: Row, pools: dict[str, TaskPool]) -> Row:
-    """Second-order MAML meta-training tasks/s and peak memory: ours (vmap, chunked vmap, loop), higher, torchopt.
+    """Second-order MAML meta-training tasks/s and peak memory: ours (vmap, chunked vmap, loop), higher, torchopt,
+    and the minimal loop (vmap; eager, or compile on CUDA).
 
     Finn et al.'s 5-way Omniglot step: 1 inner SGD step at alpha 0.4, Adam 1e-3 on theta.
-    All start from the same theta (our initialization, copied into the peers' Conv-4).
+    All start from the same theta (our initialization, copied into the peers' Conv-4), but the minimal
+    loop (its own He-initialized Conv-4, zero head: the speed does not depend on the values).
     """
     device, pool = _device(config), pools["train"]
     ways, shots, queries, tasks = config["ways"], config["shots"], config["queries"], config["tasks"]
@@ -197,6 +204,8 @@ def maml_training(config: Row, pools: dict[str, TaskPool]) -> Row:
                 "inner_steps": config["inner_steps"], "episode": episode_name(ways, shots, queries), "device": device.type}
     if library == "ours":
         step = trainer.meta_step
+    elif library == "minimal":
+        step, _ = minimal.maml_step(pool, ways, shots, queries, tasks, device, compile=variant == "compile")
     else:
         net = peers.load_weights_from(peers.plain_conv4(ways=ways, layout=method.net[0].layout), method.net, pool.examples[:2].cpu()).to(device)
         build = peers.higher_maml_step if library == "higher" else peers.torchopt_maml_step
@@ -216,7 +225,8 @@ def maml_training(config: Row, pools: dict[str, TaskPool]) -> Row:
 
 
 def maml_gradient_agreement(inner_steps: int = 1, tasks: int = 2, hidden: int = 64) -> Row:
-    """Relative difference of the float64 meta-gradient of ours (loop, vmap), higher and torchopt on one task batch.
+    """Relative difference of the float64 meta-gradient of ours (loop, vmap), higher, torchopt and the minimal loop
+    (at one inner step) on one task batch.
 
     The speed comparison is only meaningful if all compute the same thing: this is the check.
     """
@@ -231,8 +241,17 @@ def maml_gradient_agreement(inner_steps: int = 1, tasks: int = 2, hidden: int = 
         method.net[1].weight.normal_(0, 0.1)
     reference = None
     row: Row = {"case": "maml_gradient_agreement", "inner_steps": inner_steps, "tasks": tasks, "dtype": "float64"}
-    for name in ("ours-loop", "ours-vmap", "higher", "torchopt"):
-        if name.startswith("ours"):
+    for name in ("ours-loop", "ours-vmap", "higher", "torchopt", "minimal"):
+        if name == "minimal":
+            if inner_steps != 1:
+                row[name] = "the minimal loop takes one inner step"
+                continue
+            names = minimal.conv4_params(torch.device("cpu"), hidden, ways)  # ours's parameters, in the same order
+            params = {k: p.detach().clone().requires_grad_() for k, p in zip(names, method.parameters())}
+            x = torch.cat([episode.support_x.unflatten(1, (ways, shots)), episode.query_x.unflatten(1, (ways, queries))], dim=2)
+            minimal.maml_loss(params, x, shots, 0.4, minimal.labels(ways, shots, x.device), minimal.labels(ways, queries, x.device)).backward()
+            grads = [p.grad for p in params.values()]
+        elif name.startswith("ours"):
             method.vectorize = name.split("-")[1]
             method.zero_grad(set_to_none=True)
             method.meta_gradient(episode)

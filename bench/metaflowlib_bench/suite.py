@@ -1,4 +1,5 @@
-"""The benchmark run: which cases, at which sizes, on this device; ours/peer ratios; JSON and a markdown table.
+"""The benchmark run: which cases, at which sizes, on this device; ours/peer and ours/minimal-loop ratios; JSON and
+a markdown table.
 
     python -m metaflowlib_bench --out bench/results/cpu            # everything that fits this device
     python -m metaflowlib_bench --out /tmp/b --only maml_training --quick
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +41,15 @@ def plan(device: torch.device, quick: bool, seconds: dict[str, float], maml_task
     base = {"device": str(device)}
     scale = (lambda w, s, r: {"warmup": 1, "steps": 1, "repeats": 1}) if quick else (lambda w, s, r: {"warmup": w, "steps": s, "repeats": r})
     configs: list[Row] = []
+    minimal = [("minimal", "eager")] + ([("minimal", "compile")] if gpu else [])  # the limit: torch.compile on CUDA only
     for ways, shots, queries in ((5, 1, 15), (60, 5, 5)):
         timing = scale(10, 50, 5) if gpu else (scale(3, 20, 3) if ways == 5 else scale(2, 5, 3))
-        for library, variant in (("ours", "fp32"), ("ours", "default"), ("easyfsl", "")):
+        for library, variant in [("ours", "fp32"), ("ours", "default"), ("easyfsl", "")] + minimal:
             configs.append({**base, **timing, "case": "protonet_training", "library": library, "variant": variant,
                             "ways": ways, "shots": shots, "queries": queries, "workers": 8 if gpu else 0})
     maml_timing = scale(3, 10, 3) if gpu else scale(1, 2, 3)
     variants = [("ours", "vmap"), ("ours", "chunked"), ("ours", "loop")] if gpu else [("ours", "loop"), ("ours", "vmap")]
-    for library, variant in variants + [("higher", ""), ("torchopt", "")]:
+    for library, variant in variants + [("higher", ""), ("torchopt", "")] + minimal:
         configs.append({**base, **maml_timing, "case": "maml_training", "library": library, "variant": variant,
                         "ways": 5, "shots": 1, "queries": 15, "tasks": maml_tasks, "inner_steps": 1,
                         "chunk_size": max(1, maml_tasks // 4)})
@@ -77,22 +80,33 @@ def run_isolated(config: Row, pools_path: Path) -> Row:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def ratios(rows: list[Row]) -> list[Row]:
-    """ours/peer, per episode shape: throughput (higher is better for us) and peak memory (lower is better)."""
+def _paired(rows: list[Row], others: Callable[[str], bool]) -> list[Row]:
+    """ours/other per case, episode shape and variant of each: throughput (higher is better for us), peak memory
+    (lower is better)."""
     out = []
     by = {(r["case"], r["episode"], r["library"], r["variant"]): r
           for r in rows if r["case"] in ("protonet_training", "maml_training") and "error" not in r}
-    for (case, episode, library, variant), peer in by.items():
-        if library == "ours":
+    for (case, episode, library, variant), other in by.items():
+        if library == "ours" or not others(library):
             continue
         key = "episodes_per_second" if case == "protonet_training" else "tasks_per_second"
         for (c, e, lib, v), mine in by.items():
             if lib != "ours" or c != case or e != episode:
                 continue
-            out.append({"case": case, "episode": episode, "ours": v, "peer": library,
-                        "speed_ratio": cases.ratio(mine[key], peer[key]),
-                        "memory_ratio": mine["peak_bytes"] / peer["peak_bytes"] if peer["peak_bytes"] > 0 else math.nan})
+            out.append({"case": case, "episode": episode, "ours": v, "peer": library, "peer_variant": variant,
+                        "speed_ratio": cases.ratio(mine[key], other[key]),
+                        "memory_ratio": mine["peak_bytes"] / other["peak_bytes"] if other["peak_bytes"] > 0 else math.nan})
     return out
+
+
+def ratios(rows: list[Row]) -> list[Row]:
+    """ours/peer for each peer library."""
+    return _paired(rows, lambda library: library != "minimal")
+
+
+def limits(rows: list[Row]) -> list[Row]:
+    """ours/minimal loop: how far our step is from the limit of this device (the same step with nothing around it)."""
+    return _paired(rows, lambda library: library == "minimal")
 
 
 def markdown(results: Row) -> str:
@@ -116,14 +130,20 @@ def markdown(results: Row) -> str:
         lines += [f"| {r['case']} | {r['episode']} | {r['ours']} | {r['peer']} | {r['speed_ratio']:.2f}x | {r['memory_ratio']:.2f}x |"
                   for r in results["ratios"]]
         lines.append("")
+    if results.get("limits"):
+        lines += ["## ours / minimal loop (same run): the distance to the limit", "",
+                  "| case | episode | ours | minimal | speed | memory |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['episode']} | {r['ours']} | {r['peer_variant']} | {r['speed_ratio']:.2f}x | {r['memory_ratio']:.2f}x |"
+                  for r in results["limits"]]
+        lines.append("")
     for r in rows:
         if r["case"] == "adaptation" and "error" not in r:
             lines.append(f"- adaptation, {r['method']} {r['episode']} ({r.get('precision', 'fp32')}): "
                          f"{1e3 * r['adaptation_seconds_per_task']:.2f} ms from one task's raw support images to theta_i, "
                          f"{1e3 * r['adapt_and_predict_seconds_per_task']['median']:.2f} ms to adapt and label its queries; "
                          f"evaluation {r['evaluation_tasks_per_second']['median']:.0f} tasks/s")
-        if r["case"] == "protonet_training" and r["library"] == "ours" and "error" not in r:
-            lines.append(f"- sampling, ours {r['variant']} {r['episode']}: {1e3 * r['sampling_seconds']:.3f} ms per episode, "
+        if r["case"] == "protonet_training" and r["library"] in ("ours", "minimal") and "error" not in r:
+            lines.append(f"- sampling, {r['library']} {r['variant']} {r['episode']}: {1e3 * r['sampling_seconds']:.3f} ms per episode, "
                          f"{100 * r['sampling_share_of_step']:.1f}% of a meta-step")
         if r["case"] == "time_to_accuracy" and "error" not in r:
             test = ", ".join(f"{k[4:]} {100 * v['accuracy']:.2f} ± {100 * v['ci95']:.2f}" for k, v in r["test"].items())
@@ -181,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     results: Row = {
         "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
         "python": platform.python_version(), "threads": torch.get_num_threads(), "isolated_processes": isolate,
-        "command": " ".join(sys.argv), "rows": [], "ratios": [], "notes": [],
+        "command": " ".join(sys.argv), "rows": [], "ratios": [], "limits": [], "notes": [],
     }
     wanted = set(args.only or SECTIONS)
     configs = [c for c in plan(device, args.quick, seconds, args.maml_tasks) if c["case"] in wanted]
@@ -204,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.empty_cache()
         results["rows"].append(row)
         results["notes"] = sorted(set(results["notes"]) | set(row.get("notes", [])))
-        results["ratios"] = ratios(results["rows"])
+        results["ratios"], results["limits"] = ratios(results["rows"]), limits(results["rows"])
         results["seconds"] = time.perf_counter() - started
         write(results, args.out)
         print(json.dumps({k: v for k, v in row.items() if k not in ("table", "curve")}), flush=True)

@@ -27,10 +27,11 @@ from metaflowlib.episodes import Episode
 
 @dataclass(frozen=True)
 class StepStats:
-    """What one meta-step reports to the training loop (detached floats)."""
+    """What one meta-step reports to the training loop: detached 0-dim tensors on the method's device, which
+    the loop reads back as floats only when it logs (a float would stall a GPU once per step)."""
 
-    loss: float
-    accuracy: float
+    loss: Tensor | float
+    accuracy: Tensor | float
 
 
 class MetaLearner(nn.Module, ABC):
@@ -127,7 +128,7 @@ class MetaLearner(nn.Module, ABC):
         """
         loss, logits = self.meta_loss(episode)
         loss.backward()
-        return StepStats(loss=float(loss.detach()), accuracy=argmax_accuracy(logits, episode.query_y))
+        return StepStats(loss=loss.detach(), accuracy=query_accuracy(logits, episode.query_y))
 
 
 def query_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -137,6 +138,11 @@ def query_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
+def query_accuracy(logits: Tensor, labels: Tensor) -> Tensor:
+    """The share of rows whose highest logit is the label, as a 0-dim float32 tensor where the logits are."""
+    return (logits.argmax(-1) == labels).float().mean().detach()
+
+
 def argmax_accuracy(logits: Tensor, labels: Tensor) -> float:
-    """The share of rows whose highest logit is the label (metaflowlib.tta.classifier.accuracy scores a model on a dataset)."""
-    return float((logits.argmax(-1) == labels).float().mean())
+    """`query_accuracy` as a float (metaflowlib.tta.classifier.accuracy scores a model on a dataset)."""
+    return float(query_accuracy(logits, labels))

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.func import functional_call, grad, jvp
 
 from metaflowlib.episodes import Episode
-from metaflowlib.methods.base import StepStats, argmax_accuracy
+from metaflowlib.methods.base import StepStats, query_accuracy
 from metaflowlib.models.backbones import BackboneSpec
 from metaflowlib.models.conv4 import Layout
 from metaflowlib.methods.inner_loop import (
@@ -103,7 +103,7 @@ class IMAML(InitializationLearner):
             for name, p in self.omega().items():
                 step = g[name].mean(0)
                 p.grad = step if p.grad is None else p.grad + step
-        return StepStats(loss=float(loss.mean()), accuracy=argmax_accuracy(logits, episode.query_y))
+        return StepStats(loss=loss.mean().detach(), accuracy=query_accuracy(logits, episode.query_y))
 
     def diagnostics(self, episode: Episode) -> dict[str, float]:
         """Is the inner problem solved, and did CG converge? Means over the episode's tasks of the

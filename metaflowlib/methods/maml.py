@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from metaflowlib.episodes import Episode
-from metaflowlib.methods.base import StepStats, argmax_accuracy
+from metaflowlib.methods.base import StepStats, query_accuracy
 from metaflowlib.models.backbones import BackboneSpec
 from metaflowlib.models.conv4 import Layout
 from metaflowlib.methods.inner_loop import HeadInit, InitializationLearner, Params, Vectorize
@@ -78,8 +78,9 @@ class MAML(InitializationLearner):
             loss, logits = self.meta_loss(part)
             weight = part.tasks / episode.tasks
             (loss * weight).backward()
-            loss_sum += float(loss.detach()) * weight
-            correct += argmax_accuracy(logits, part.query_y) * weight
+            # on the device, in float64 as Python floats summed them: the same logged numbers, no host sync
+            loss_sum = loss_sum + loss.detach().double() * weight
+            correct = correct + query_accuracy(logits, part.query_y).double() * weight
         return StepStats(loss=loss_sum, accuracy=correct)
 
 

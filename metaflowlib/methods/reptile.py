@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from metaflowlib.episodes import Episode
-from metaflowlib.methods.base import StepStats, argmax_accuracy, query_cross_entropy
+from metaflowlib.methods.base import StepStats, query_accuracy, query_cross_entropy
 from metaflowlib.models.backbones import BackboneSpec
 from metaflowlib.models.conv4 import Layout
 from metaflowlib.methods.inner_loop import HeadInit, InitializationLearner, Params, Vectorize
@@ -115,7 +115,7 @@ class Reptile(InitializationLearner):
                 p.grad = direction if p.grad is None else p.grad + direction
             logits = self.predict(w, episode.query_x)
             loss = query_cross_entropy(logits, episode.query_y)
-        return StepStats(loss=float(loss), accuracy=argmax_accuracy(logits, episode.query_y))
+        return StepStats(loss=loss, accuracy=query_accuracy(logits, episode.query_y))
 
     def diagnostics(self, episode: Episode) -> dict[str, float]:
         """Did the inner loop make progress on its own data? Mean over tasks of the inner loss at theta and
