@@ -84,22 +84,20 @@ def test_two_windows_end_bitwise_where_one_ends_and_are_scored(setup):
     assert set(reached) == {"3w1s"} and (reached["3w1s"] is None) == (first is None)
 
 
-def test_a_changed_plan_entry_is_refused_not_mixed_in(setup):
-    root = setup
-    plan = json.loads((root / "plan.json").read_text())
-    plan["runs"][0]["meta_optimizer"]["lr"] = 0.5
-    (root / "changed.json").write_text(json.dumps(plan))
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'bench'}"}
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "paper_run.py"), "--plan", str(root / "changed.json"),
-                             "--pools", str(root / "pools.npz"), "--runs-dir", str(root / "once"), "--device", "cpu"],
-                            capture_output=True, text=True, env=env, cwd=root, timeout=300)
-    assert result.returncode != 0
-    assert "was started from another plan entry for protonet-tiny" in result.stderr
+def test_a_changed_plan_entry_is_refused_not_mixed_in(tmp_path):
+    import paper_run
+
+    from metaflowlib.errors import DataError
+
+    paper_run.PaperRun(SPEC, tmp_path).save()  # a run started from this entry
+    assert paper_run.PaperRun(SPEC, tmp_path).status == "training"
+    changed = {**SPEC, "meta_optimizer": {**SPEC["meta_optimizer"], "lr": 0.5}}
+    with pytest.raises(DataError, match="was started from another plan entry for protonet-tiny"):
+        paper_run.PaperRun(changed, tmp_path)
 
 
 def test_the_committed_plan_is_params_yaml_resolved():
     """The plan a GPU window reads is what `bench/paper_plan.py` makes of today's params.yaml (rerun it and commit)."""
-    sys.path.insert(0, str(ROOT / "bench"))
     import paper_plan
 
     committed = json.loads((ROOT / "bench" / "paper_runs" / "plan.json").read_text())
