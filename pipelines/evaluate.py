@@ -13,6 +13,7 @@ rerun keeps the earlier evaluation runs, tagged `superseded_by=<new run>`.
 
 from __future__ import annotations
 
+import torch
 from _stage import PREPARED, ROOT, declared, method_key, params, run_guarded
 
 from metaflowlib import tracking
@@ -21,7 +22,8 @@ from metaflowlib.data.store import load_pool
 from metaflowlib.evaluate import evaluate_protocol
 from metaflowlib.evaluation_log import INHERITED_TAGS, flat_metrics, log_evaluation
 from metaflowlib.io import read_json, write_csv, write_json
-from metaflowlib.runtime import resolve_device, resolve_precision, seed_everything
+from metaflowlib.precision import recorded
+from metaflowlib.runtime import resolve_device, seed_everything
 
 
 def main() -> None:
@@ -30,10 +32,13 @@ def main() -> None:
     p, key = params(), method_key()
     e = p.evaluate
     device = resolve_device(p.device)
-    dtype = resolve_precision(p.train.precision, device)
     seed_everything(p.seed)
     train = read_json(ROOT / declared("evaluate", "runs/*/train.json", key=key))
+    choice = recorded(train.get("precision"), p.train.precision, p.train.channels_last, device)  # train@'s, not measured again
+    dtype = choice.dtype
     method, _ = load_meta_knowledge(ROOT / declared("evaluate", "models/*", key=key), device)
+    if choice.channels_last:
+        method = method.to(memory_format=torch.channels_last)
     pool = load_pool(PREPARED, "test", device)
     report = evaluate_protocol(
         method, pool, p.settings(), episodes=e.tasks, queries=e.queries, seed=e.seed, batch_tasks=e.batch_tasks,
@@ -50,7 +55,9 @@ def main() -> None:
             | {"evaluated_run_id": train["run_id"], "evaluated_model_id": model_id}
             | {f"episodes_digest_{name}": d[:16] for name, d in digests.items()})
     with tracking.stage_run(p, f"evaluate@{key}", f"{key}-evaluate", tags=tags, device=device,
-                            params={"evaluate": e.model_dump(mode="json"), "precision": p.train.precision}) as run:
+                            params={"evaluate": e.model_dump(mode="json"), "precision": choice.precision,
+                                    "channels_last": choice.channels_last}) as run:
+        mlflow.set_tags(choice.tags())
         tracking.log_splits(PREPARED, {"test": "testing"})
         children = log_evaluation(run.info.run_id, f"evaluate@{key}", report, per_task, metrics, model_id, tracking.own_tags(run))
     superseded = tracking.supersede(run.info.run_id, {"stage": f"evaluate@{key}", "evaluated_run_id": train["run_id"]})
@@ -65,7 +72,7 @@ def main() -> None:
                                                        "episodes_digest": digests, "skipped_settings": report["skipped_settings"]})
     shown = "  ".join(f"{n} {100 * r['accuracy']:.2f}±{100 * r['ci95']:.2f}" for n, r in report["settings"].items())
     skipped = f"; skipped {', '.join(report['skipped_settings'])} (fixed {method.fixed_ways}-way head)" if report["skipped_settings"] else ""
-    print(f"evaluate@{key}: {shown} (%, {e.tasks} tasks each){skipped}; {eval_json}, MLflow run {run.info.run_id} "
+    print(f"evaluate@{key}: {shown} (%, {e.tasks} tasks each){skipped}; precision {choice.describe()}; {eval_json}, MLflow run {run.info.run_id} "
           f"with {len(children)} nested runs" + (f" ({len(superseded)} earlier runs tagged superseded_by)" if superseded else ""))
 
 
