@@ -1,8 +1,9 @@
 """Precision and memory layout of a training step, chosen by timing it on this machine (issue #16).
 
-A CPU flag says bf16 units exist, not that bf16 pays off: on one 2-core Xeon with AMX-BF16 the ProtoNet step
-ran bf16 + channels_last at 2.6x its fp32 speed when the machine was idle and at 0.33x in a harness run while
-another process held a core (bench/results/precision_choice_cpu.json). So on a CPU, `auto` times the step
+A CPU flag says bf16 units exist, not that bf16 pays off: on a 2-core Xeon with AMX-BF16 the ProtoNet step
+ran bf16 + channels_last at 2.0-2.4x its fp32 speed when idle, and below fp32 + channels_last (0.67x; a
+harness run of the issue: 0.33x fp32) while another process held a core (bench/results/precision_choice_cpu.json,
+bench/PROFILE.md). So on a CPU, `auto` times the step
 itself for every candidate in {fp32, bf16 where the CPU has bf16 units} x {NCHW, channels_last}, interleaved,
 and keeps the plainest candidate (fp32 before bf16, NCHW before channels_last) whose rate is within `MARGIN`
 of the fastest: noise never buys the slower one. The choice is cached per machine in
