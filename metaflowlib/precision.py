@@ -1,15 +1,14 @@
 """Precision and memory layout of a training step, chosen by timing it on this machine (issue #16).
 
 A CPU flag says bf16 units exist, not that bf16 pays off: on a 2-core Xeon with AMX-BF16 the ProtoNet step
-ran bf16 + channels_last at 2.0-2.4x its fp32 speed when idle, and below fp32 + channels_last (0.67x; a
-harness run of the issue: 0.33x fp32) while another process held a core (bench/results/precision_choice_cpu.json,
-bench/PROFILE.md). So on a CPU, `auto` times the step
-itself for every candidate in {fp32, bf16 where the CPU has bf16 units} x {NCHW, channels_last}, interleaved,
-and keeps the plainest candidate (fp32 before bf16, NCHW before channels_last) whose rate is within `MARGIN`
-of the fastest: noise never buys the slower one. The choice is cached per machine in
-`$METAFLOWLIB_CACHE_DIR/precision.json` (default ~/.cache/metaflowlib/), keyed by the CPU, torch version,
-thread count, the step (method kind, config, episode shape) and the candidates. On CUDA the rule is fixed:
-bf16 where supported, channels_last. Explicit values are obeyed without measuring.
+ran bf16 + channels_last at 2.0-2.4x its fp32 speed when idle, and below fp32 + channels_last (0.67x; in a
+harness run of the issue 0.33x fp32) while another process held a core (bench/results/precision_choice_cpu.json,
+bench/PROFILE.md). So on a CPU, `auto` times the step itself for every candidate in {fp32, bf16 where the CPU
+has bf16 units} x {NCHW, channels_last}, interleaved, and keeps the plainest candidate (fp32 before bf16, NCHW
+before channels_last) whose rate is within `MARGIN` of the fastest: noise never buys the slower one. The
+choice is cached per machine in `$METAFLOWLIB_CACHE_DIR/precision.json` (default ~/.cache/metaflowlib/), keyed
+by the CPU, torch version, thread count, the step (method kind, config, episode shape) and the candidates.
+On CUDA the rule is fixed: bf16 where supported, channels_last. Explicit values are obeyed without measuring.
 
 Imports torch, numpy and the standard library only: the core runs on a bare GPU machine.
 
@@ -44,7 +43,7 @@ from metaflowlib.runtime import autocast, bf16_supported, device_name
 if TYPE_CHECKING:
     from metaflowlib.methods import MetaLearner
 
-MARGIN = 0.10  # a less plain candidate must be >= 10% faster than every plainer one (timing noise on a shared CPU)
+MARGIN = 0.10  # a less plain candidate wins only when >= 10% faster than every plainer one (noise on a shared CPU)
 PRECISIONS = ("auto", "fp32", "bf16")
 
 Candidate = tuple[str, bool]  # (precision, channels_last)
@@ -169,8 +168,9 @@ def pick(rates: dict[str, float], candidates: list[Candidate], margin: float = M
 
 def time_candidates(probe: Probe, candidates: list[Candidate], *, warmup: int = 2, repeats: int = 3,
                     block_seconds: float = 0.1) -> dict[str, float]:
-    """Steps/s of each candidate: `warmup` untimed steps each, then `repeats` rounds that time each candidate in turn
-    (interleaved, so a burst of load hits them all) for at least `block_seconds`; the median round per candidate."""
+    """Steps/s of each candidate: `warmup` steps each (the last one timed, to size the rounds), then `repeats` rounds
+    that time each candidate in turn (interleaved, so a burst of load hits them all) for at least `block_seconds`;
+    the median round per candidate."""
     steps = {label(c): probe.make(c) for c in candidates}
     per_step = {}
     for name, step in steps.items():
