@@ -11,6 +11,7 @@ checkpoints and resume; metrics leave through `log`.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from metaflowlib.episodes import TaskPool
 from metaflowlib.errors import DivergenceError
 from metaflowlib.loop import LogFn, Loop, Minibatches
+from metaflowlib.precision import Candidate, Probe, has_convolutions
 from metaflowlib.runtime import autocast
 
 
@@ -50,6 +52,35 @@ class CosineClassifier(nn.Module):
         """fp32 even under autocast: bf16 logits over thousands of classes lose the loss's precision."""
         with torch.autocast(z.device.type, enabled=False):
             return self.log_scale.exp() * F.normalize(z.float(), dim=-1) @ F.normalize(self.weight, dim=-1).T
+
+
+def pretrain_probe(feature_map: nn.Module, pool: TaskPool, *, dim: int, batch_size: int, lr: float, scale: float) -> Probe:
+    """Pre-training's step (below) on copies of `feature_map` and a fresh head, on one fixed minibatch of `pool`:
+    what `metaflowlib.precision.choose` times for `auto`."""
+    device = pool.examples.device
+    batch = torch.arange(min(batch_size, pool.examples.shape[0]), device=device) * (pool.examples.shape[0] // batch_size or 1)
+    images = pool.examples[batch]
+    labels = torch.repeat_interleave(torch.arange(pool.num_classes, device=device), pool.counts.to(device))[batch]
+
+    def make(candidate: Candidate) -> Callable[[], None]:
+        model = copy.deepcopy(feature_map).train()
+        if candidate[1]:
+            model = model.to(memory_format=torch.channels_last)
+        head = CosineClassifier(dim, pool.num_classes, scale).to(device)
+        optimizer = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=lr)
+        dtype = torch.bfloat16 if candidate[0] == "bf16" else None
+
+        def step() -> None:
+            with autocast(device, dtype):
+                logits = head(model(images))
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(logits, labels).backward()
+            optimizer.step()
+
+        return step
+
+    key = {"kind": "pretrain_step", "feature_map": repr(feature_map), "batch": list(images.shape), "classes": pool.num_classes, "dim": dim}
+    return Probe(make, key, layouts=has_convolutions(feature_map))
 
 
 def pretrain_feature_map(

@@ -1,4 +1,5 @@
-"""Device, precision and seeding: decided once, used by every stage (peak memory: metaflowlib.memory)."""
+"""Device, precision and seeding: decided once, used by every stage (peak memory: metaflowlib.memory; the measured
+choice of precision and layout for train.precision / train.channels_last `auto`: metaflowlib.precision)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """bf16 autocast pays off on GPUs with bf16 and on CPUs with AVX512-BF16/AMX."""
+    """Whether the device has bf16 units: a GPU that supports bf16, a CPU with AVX512-BF16/AMX (whether bf16 then pays
+    off on a CPU is another question, which metaflowlib.precision answers by timing)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if sys.platform != "linux":
@@ -34,7 +36,8 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
+    """The autocast dtype, or None for plain fp32, by the flag rule: `auto` is bf16 wherever `bf16_supported` (the TTA
+    stages' rule; train@, pretrain@ and evaluate@ choose by measuring, metaflowlib.precision.choose)."""
     if precision == "fp32" or (precision == "auto" and not bf16_supported(device)):
         return None
     return torch.bfloat16

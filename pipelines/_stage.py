@@ -85,11 +85,21 @@ class Checkpoints:
         self.remove()
         return None
 
-    def started(self, run_id: str) -> None:
-        """Record the run a rerun resumes into."""
+    def started(self, run_id: str, **kept: dict) -> None:
+        """Record the run a rerun resumes into, and `kept` records a rerun must reuse rather than decide again
+        (e.g. `precision`: a resumed training never switches precision mid-run), read back by `kept`."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        for name, record in kept.items():
+            (self.directory / f"{name}.json").write_text(json.dumps(record))
         (self.directory / "mlflow_run_id").write_text(run_id)
         (self.directory / "fingerprint").write_text(self.fingerprint)
+
+    def kept(self, name: str) -> dict | None:
+        """The record `name` an interrupted run of this fingerprint kept (`started`), or None."""
+        marker, path = self.directory / "fingerprint", self.directory / f"{name}.json"
+        if marker.is_file() and path.is_file() and marker.read_text() == self.fingerprint:
+            return json.loads(path.read_text())
+        return None
 
     def remove(self) -> None:
         """The checkpoint (with any half-written one a kill left), and this directory's files; another training's

@@ -51,7 +51,7 @@ def main() -> None:
         raise DataError(f"paper_runs.{key}: {record['name']} was trained on images in format {saved['extra']['image_format']}, "
                         f"this pipeline's data are {ours} (data.*)")
     train = log_training(p, key, record, method, saved["extra"], run_dir)
-    record_evaluation(p, key, f"import@{key}", {k: report[k] for k in EVALUATION}, train, method.fixed_ways, None)
+    record_evaluation(p, key, f"import@{key}", {k: report[k] for k in EVALUATION}, train, method.fixed_ways, None, None)
 
 
 EVALUATION = ("settings", "task_accuracies", "skipped_settings", "shots_curve", "adaptation_seconds_per_task")

@@ -24,8 +24,9 @@ from metaflowlib.config.methods import method_spec
 from metaflowlib.data.store import load_format, load_pool
 from metaflowlib.io import WEIGHTS_FILE, atomic_path, sha256_file, write_json
 from metaflowlib.methods import ProtoNet
-from metaflowlib.pretrain import pretrain_feature_map
-from metaflowlib.runtime import resolve_device, resolve_precision, seed_everything
+from metaflowlib.precision import Choice, choose
+from metaflowlib.pretrain import pretrain_feature_map, pretrain_probe
+from metaflowlib.runtime import resolve_device, seed_everything
 from metaflowlib.serving.fewshot import log_pyfunc_model
 from metaflowlib.train import validation_accuracy
 
@@ -45,28 +46,34 @@ def main() -> None:
         return
     pretrain, budget = mp.pretrain_in(p.profile)
     device = resolve_device(p.device)
-    dtype = resolve_precision(p.train.precision, device)
     seed_everything(p.seed)
     fmt = load_format(PREPARED)
     config = mp.build(fmt.image_size, fmt.channels).config()
     embedding = ProtoNet(in_channels=config["in_channels"], hidden=config["hidden"], distance="cosine", backbone=config["backbone"],
                          image_size=config["image_size"]).to(device)
-    if p.train.channels_last:
-        embedding = embedding.to(memory_format=torch.channels_last)
     train_pool, val_pool = (load_pool(PREPARED, split, device) for split in ("train", "val"))
-    nearest_centroid = validation_accuracy(val_pool, ways=v.ways, shots=v.shots, queries=v.queries, tasks=v.tasks,
-                                           seed=p.seed + 1, batch_tasks=p.evaluate.batch_tasks, dtype=dtype)
     checkpoints = Checkpoints.of(ROOT, f"{key}/pretrain", {
         "pretrain": pretrain.model_dump(mode="json"), "budget": budget.model_dump(mode="json"), "config": config,
         "data": p.data.model_dump(mode="json"), "seed": p.seed, "profile": p.profile, "validation": v.model_dump(mode="json"),
         "precision": p.train.precision, "channels_last": p.train.channels_last})
+    kept = checkpoints.kept("precision")  # a resumed pre-training keeps the precision it started with
+    choice = Choice.from_json(kept, "resumed") if kept is not None else choose(
+        p.train.precision, p.train.channels_last, device,
+        pretrain_probe(embedding.embedding, train_pool, dim=embedding.dim, batch_size=pretrain.batch_size, lr=pretrain.lr, scale=pretrain.scale))
+    print(f"pretrain@{key}: precision {choice.describe()}", flush=True)
+    dtype = choice.dtype
+    if choice.channels_last:
+        embedding = embedding.to(memory_format=torch.channels_last)
+    nearest_centroid = validation_accuracy(val_pool, ways=v.ways, shots=v.shots, queries=v.queries, tasks=v.tasks,
+                                           seed=p.seed + 1, batch_tasks=p.evaluate.batch_tasks, dtype=dtype)
     run_id = checkpoints.resume_run_id()
     name = f"{p.registered_name(key)}-embedding"
     logged = {"pretrain": pretrain.model_dump(mode="json"), "seed": p.seed, "profile": p.profile, "budget": budget.model_dump(mode="json")}
     with tracking.stage_run(p, f"pretrain@{key}", f"{key}-pretrain", tags={"method": mp.kind, "method_key": key, "profile": p.profile,
                             "dataset": p.data.name}, params=logged, device=device, run_id=run_id) as run:
         tracking.log_splits(PREPARED, {"train": "training", "val": "validation"})  # val picks the best epoch
-        checkpoints.started(run.info.run_id)
+        checkpoints.started(run.info.run_id, precision=choice.to_json())
+        mlflow.set_tags(choice.tags())
         result = pretrain_feature_map(
             embedding.embedding, train_pool, dim=embedding.dim,
             batch_size=pretrain.batch_size, lr=pretrain.lr, scale=pretrain.scale, max_epochs=budget.epochs,
@@ -94,7 +101,7 @@ def main() -> None:
             model_description=f"the embedding that {key} predicts classifier weights from",
         )
     write_json(record, {"pretrained": True, "run_id": run.info.run_id, "model_uri": model_uri, "registered_name": name,
-                        "registered_version": version.version, "weights_sha256": weights_sha256, **costs})
+                        "registered_version": version.version, "weights_sha256": weights_sha256, "precision": choice.to_json(), **costs})
     checkpoints.remove()
     print(f"pretrain@{key}: {result.epochs:.1f} epochs in {result.seconds:.0f}s, val nearest-centroid "
           f"{100 * result.best_val_accuracy:.2f}%; {out_dir.relative_to(ROOT)}/, registered {name} version {version.version}")

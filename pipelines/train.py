@@ -22,7 +22,8 @@ from metaflowlib.episodes import EpisodeSampler
 from metaflowlib.errors import DataError
 from metaflowlib.evaluate import embed_pool
 from metaflowlib.io import read_json, write_csv, write_json
-from metaflowlib.runtime import resolve_device, resolve_precision, seed_everything
+from metaflowlib.precision import Choice, choose, meta_step_probe, probe_episode
+from metaflowlib.runtime import resolve_device, seed_everything
 from metaflowlib.serving.fewshot import log_pyfunc_model
 from metaflowlib.train import MetaTrainer, build_meta_optimizer, diagnostics_on, validation_accuracy
 
@@ -46,21 +47,23 @@ def train(p: Params, key: str, group: distributed.Distributed | None) -> None:
 
     mp, v = method_spec(p, key), p.train.validation
     device = resolve_device(p.device) if group is None else group.device
-    budget, dtype = mp.budget_in(p.profile), resolve_precision(p.train.precision, device)
+    budget = mp.budget_in(p.profile)
     seed_everything(p.seed)
     train_pool, val_pool = (load_pool(PREPARED, split, device) for split in ("train", "val"))
     fmt = load_format(PREPARED)  # the data's channels, side and normalization: the model's input
     method = mp.build(fmt.image_size, fmt.channels).to(device)
     pretrained = load_pretrained(method, key)
-    if p.train.channels_last:
+    tasks, seed = (mp.tasks_per_step, p.seed) if group is None else (group.shard(mp.tasks_per_step, f"methods.{key}.tasks_per_step"), p.seed + group.rank)
+    checkpoints = Checkpoints.of(ROOT, key, {"method": mp.flat(), "data": p.data.model_dump(mode="json"), "seed": p.seed, "profile": p.profile,
+                                            "train": p.train.model_dump(mode="json"), "pretrained": pretrained.get("weights_sha256")})
+    choice = choose_precision(p, method, train_pool, checkpoints, mp.ways, mp.shots, mp.queries, tasks, device, group)
+    dtype = choice.dtype
+    if choice.channels_last:
         method = method.to(memory_format=torch.channels_last)
     if method.frozen_features:  # meta-training never moves the feature map: embed the split once
         train_pool = embed_pool(method.eval(), train_pool, dtype)
-    tasks, seed = (mp.tasks_per_step, p.seed) if group is None else (group.shard(mp.tasks_per_step, f"methods.{key}.tasks_per_step"), p.seed + group.rank)
     sampler = EpisodeSampler(train_pool, mp.ways, mp.shots, mp.queries, tasks, seed=seed)
     optimizer, scheduler = build_meta_optimizer(method, **mp.meta_optimizer.model_dump(exclude={"grad_clip"}), total_steps=budget.episodes)
-    checkpoints = Checkpoints.of(ROOT, key, {"method": mp.flat(), "data": p.data.model_dump(mode="json"), "seed": p.seed, "profile": p.profile,
-                                            "train": p.train.model_dump(mode="json"), "pretrained": pretrained.get("weights_sha256")})
     trainer = MetaTrainer(
         method, sampler, optimizer, scheduler, max_episodes=budget.episodes, max_seconds=budget.seconds, precision=dtype,
         validate=validation_accuracy(val_pool, ways=v.ways, shots=v.shots, queries=v.queries, tasks=v.tasks, seed=p.seed + 1,
@@ -79,7 +82,8 @@ def train(p: Params, key: str, group: distributed.Distributed | None) -> None:
               "seed": p.seed, "profile": p.profile, "budget": budget.model_dump(mode="json")}
     with tracking.stage_run(p, f"train@{key}", key, tags=tags, params=logged, device=device, run_id=run_id) as run:
         tracking.log_splits(PREPARED, {"train": "training", "val": "validation"})
-        checkpoints.started(run.info.run_id)
+        checkpoints.started(run.info.run_id, precision=choice.to_json())
+        mlflow.set_tags(choice.tags())
         result = trainer.run(log=tracking.MetricLogger(run.info.run_id))
         costs = {"meta_train_seconds": result.seconds, "meta_train_episodes": result.episodes, "episodes_per_second": result.episodes_per_second,
                  "peak_memory_mb": result.peak_memory_mb, "best_val_accuracy": result.best_val_accuracy, "best_episode": result.best_episode,
@@ -89,7 +93,7 @@ def train(p: Params, key: str, group: distributed.Distributed | None) -> None:
             mlflow.set_tags({"feature_map_model": pretrained["registered_name"], "feature_map_version": pretrained["registered_version"]})
         mlflow.log_metrics(costs)
         mlflow.set_tag("memory_kind", result.memory_kind)
-        costs |= {"memory_kind": result.memory_kind, "budget_capped": tracking.note_capped(result.episodes, budget, f"train@{key}")}
+        costs |= {"precision": choice.to_json(), "memory_kind": result.memory_kind, "budget_capped": tracking.note_capped(result.episodes, budget, f"train@{key}")}
         if pretrained:
             costs["feature_map"] = {k: pretrained[k] for k in ("registered_name", "registered_version", "run_id", "weights_sha256")}
         omega = save_meta_knowledge(method, ROOT / declared("train", "models/*", key=key),
@@ -103,6 +107,23 @@ def train(p: Params, key: str, group: distributed.Distributed | None) -> None:
     print(f"train@{key}: {result.episodes} episodes in {result.seconds:.0f}s ({result.episodes_per_second:.2f} ep/s), "
           f"best val {result.best_val_accuracy:.4f}; omega in {omega.relative_to(ROOT)}/, MLflow run {run.info.run_id}, "
           f"runs table {tracking.ui_link(run.info.experiment_id)}")
+
+
+def choose_precision(p: Params, method, pool, checkpoints: Checkpoints, ways: int, shots: int, queries: int, tasks: int,
+                     device: torch.device, group: distributed.Distributed | None) -> Choice:
+    """train.precision / train.channels_last for this method: an interrupted run's choice when resuming (never a
+    switch mid-run), else `metaflowlib.precision.choose` (on a CPU, `auto` times this method's step at its training
+    shape, cached per machine); rank 0 decides for every rank. Prints what it chose."""
+    choice = None
+    if group is None or group.is_main:
+        kept = checkpoints.kept("precision")
+        if kept is not None:
+            choice = Choice.from_json(kept, "resumed")
+        else:
+            probe = meta_step_probe(method, probe_episode(method, pool, ways, shots, queries, tasks, seed=p.seed))
+            choice = choose(p.train.precision, p.train.channels_last, device, probe)
+        print(f"train@{checkpoints.name}: precision {choice.describe()}", flush=True)
+    return choice if group is None else group.broadcast_object(choice)
 
 
 def load_pretrained(method, key: str) -> dict:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -19,6 +20,8 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# train@/pretrain@ cache their measured precision choice (metaflowlib.precision): the tests' own cache, not the user's
+os.environ["METAFLOWLIB_CACHE_DIR"] = tempfile.mkdtemp(prefix="metaflowlib-test-cache-")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -19,7 +19,8 @@ metadata, no time stamp) and the raw tensor bytes, nothing else, so equal weight
 `--record` trains every case twice in one process and refuses to record a case whose two files differ.
 
 Conditions: CPU, fp32 (precision 'fp32': no bf16 autocast, whatever the CPU supports), one intra-op
-thread, channels_last as the params default it (on), seeds as the stages seed them. Bitwise results
+thread, channels_last true (explicit: `auto` would time the step and could pick either layout), seeds as
+the stages seed them. Bitwise results
 are promised only for the torch version and CPU capability (the ISA oneDNN/MKL kernels are picked
 for) recorded in the JSON: elsewhere the test skips and says why.
 
@@ -58,6 +59,7 @@ from metaflowlib.methods import ProtoNet
 from metaflowlib.learned_optimizer.learned import LSTMOptimizerNet, save_optimizer
 from metaflowlib.learned_optimizer.meta_train import meta_train_optimizer
 from metaflowlib.learned_optimizer.suites import build_pools, meta_training_distribution
+from metaflowlib.precision import choose
 from metaflowlib.pretrain import pretrain_feature_map
 from metaflowlib.runtime import resolve_device, resolve_precision, seed_everything
 from metaflowlib.train import MetaTrainer, build_meta_optimizer, diagnostics_on, validation_accuracy
@@ -72,11 +74,11 @@ THREADS = 1
 TTA_IMAGE_SIZE = 28  # pipelines/tta_source.py IMAGE_SIZE
 
 # The params of every case: each section's defaults, except budgets (episodes / meta-steps / epochs, cut to
-# seconds on one thread), meta-batches, validation tasks, and precision fp32. Each meta-training run validates
+# seconds on one thread), meta-batches, validation tasks, precision fp32 and channels_last true. Each meta-training run validates
 # (and diagnoses) mid-way and at the end, and scores best at the end: the kept omega depends on every step.
 TINY = {
     "device": "cpu",
-    "train": {"val_every": 2, "precision": "fp32", "progress": "off", "validation": {"tasks": 4}},
+    "train": {"val_every": 2, "precision": "fp32", "channels_last": True, "progress": "off", "validation": {"tasks": 4}},
     "methods": {
         "protonet": {"kind": "protonet", "ways": 20, "budget": {"default": {"episodes": 4}}},  # 60-way: 60 classes
         "maml": {"kind": "maml", "tasks_per_step": 2, "budget": {"default": {"episodes": 4}}},
@@ -117,14 +119,15 @@ def meta_train(key: str, out: Path) -> Path:
     budget = mp.budget_in(p.profile)
     pretrained = pretrain(key, out) if mp.pretrain_in(p.profile) else None  # the pretrain@ stage runs first
     device = resolve_device(p.device)
-    dtype = resolve_precision(p.train.precision, device)
+    choice = choose(p.train.precision, p.train.channels_last, device)  # explicit: no step to time
+    dtype = choice.dtype
     seed_everything(p.seed)
     train_pool, val_pool = omniglot_like("train"), omniglot_like("val")
     method = mp.build(p.data.image_size).to(device)
     if pretrained is not None:  # train.load_pretrained
         embedding, _ = load_meta_knowledge(pretrained.parent)
         getattr(method, method.pretrained_module).load_state_dict(embedding.embedding.state_dict())
-    if p.train.channels_last:
+    if choice.channels_last:
         method = method.to(memory_format=torch.channels_last)
     if method.frozen_features:
         method.eval()
@@ -149,12 +152,13 @@ def pretrain(key: str, out: Path) -> Path:
     mp = method_spec(p, key)
     pp, budget = mp.pretrain_in(p.profile)
     device = resolve_device(p.device)
-    dtype = resolve_precision(p.train.precision, device)
+    choice = choose(p.train.precision, p.train.channels_last, device)
+    dtype = choice.dtype
     seed_everything(p.seed)
     config = mp.build(p.data.image_size).config()
     embedding = ProtoNet(in_channels=config["in_channels"], hidden=config["hidden"], distance="cosine", backbone=config["backbone"],
                          image_size=config["image_size"]).to(device)
-    if p.train.channels_last:
+    if choice.channels_last:
         embedding = embedding.to(memory_format=torch.channels_last)
     train_pool, val_pool = omniglot_like("train"), omniglot_like("val")
     v = p.train.validation

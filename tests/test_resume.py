@@ -21,8 +21,9 @@ PRETRAIN = {"kind": "param_prediction", "hidden": 8, "ways": 5, "shots": 2, "que
             "pretrain": {"batch_size": 8, "budget": {"default": {"epochs": 8}}}}  # 96 steps, a checkpoint every 2
 
 
-def make_project(root, methods: dict | None = None):
-    """A copy of the pipeline code with a small synthetic prepared dataset and an episode budget."""
+def make_project(root, methods: dict | None = None, train: dict | None = None):
+    """A copy of the pipeline code with a small synthetic prepared dataset and an episode budget (`train`: more
+    train.* params)."""
     from metaflowlib.data.prepare import Split, save_splits
 
     shutil.copytree(ROOT / "pipelines", root / "pipelines")
@@ -33,7 +34,7 @@ def make_project(root, methods: dict | None = None):
     params["shift"]["methods"] = []
     params["optimizer"]["finetune"]["methods"] = []
     params["train"].update(val_every=50, checkpoint_every=2, progress="log",
-                           validation={"ways": 5, "shots": 1, "queries": 3, "tasks": 20})
+                           validation={"ways": 5, "shots": 1, "queries": 3, "tasks": 20}, **(train or {}))
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     splits = {}
     for i, name in enumerate(("train", "val", "test")):
@@ -82,6 +83,7 @@ def test_sigkill_then_rerun_resumes_into_the_same_run_bitwise(uninterrupted, tmp
     process.communicate(timeout=60)
     run_id = (root / "checkpoints" / "protonet" / "mlflow_run_id").read_text()
     assert not (root / "models" / "protonet").exists()
+    shutil.rmtree(os.environ["METAFLOWLIB_CACHE_DIR"])  # the resumed run must keep the precision it started with, not measure
 
     resumed = train(root)
     out, _ = resumed.communicate(timeout=300)
@@ -89,6 +91,13 @@ def test_sigkill_then_rerun_resumes_into_the_same_run_bitwise(uninterrupted, tmp
     assert "resuming from" in out
     record = yaml.safe_load((root / "runs" / "protonet" / "train.json").read_text())
     assert record["run_id"] == run_id and record["meta_train_episodes"] == EPISODES
+    started = yaml.safe_load((uninterrupted / "runs" / "protonet" / "train.json").read_text())["precision"]
+    assert started["source"] == "measured"  # precision and channels_last auto (params.yaml), timed on this CPU
+    assert record["precision"] == {**started, "source": "resumed"}
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    tags = mlflow.get_run(run_id).data.tags
+    mlflow.set_tracking_uri(None)
+    assert (tags["precision"], tags["channels_last"]) == (started["precision"], str(started["channels_last"]).lower())
     expected, actual = omega(uninterrupted), omega(root)
     assert expected.keys() == actual.keys()
     for key in expected:
@@ -116,7 +125,9 @@ def test_sigterm_stops_cleanly_with_a_checkpoint_and_a_killed_run(tmp_path):
 
 
 def test_sigkill_in_pretraining_then_rerun_resumes_into_the_same_run_bitwise(tmp_path):
-    straight, root = make_project(tmp_path / "straight", {"pp": PRETRAIN}), make_project(tmp_path / "killed", {"pp": PRETRAIN})
+    # both start at once: explicit precision, or each would time its step (and could choose differently)
+    fixed = {"precision": "fp32", "channels_last": True}
+    straight, root = (make_project(tmp_path / name, {"pp": PRETRAIN}, fixed) for name in ("straight", "killed"))
     reference, process = train(straight, "pretrain", "pp"), train(root, "pretrain", "pp")
     wait_for_checkpoint(root, name="pp/pretrain")
     time.sleep(random.uniform(0, 0.2))
@@ -131,6 +142,7 @@ def test_sigkill_in_pretraining_then_rerun_resumes_into_the_same_run_bitwise(tmp
     assert "resuming from" in out
     record = yaml.safe_load((root / "runs" / "pp" / "pretrain.json").read_text())
     assert record["run_id"] == run_id and record["pretrain_steps"] == 96
+    assert record["precision"] == {"precision": "fp32", "channels_last": True, "source": "resumed", "rates": {}}
     reference_out, _ = reference.communicate(timeout=300)
     assert reference.returncode == 0, reference_out
     expected = load_file(str(straight / "pretrained" / "pp" / "model.safetensors"))

@@ -31,7 +31,8 @@ from metaflowlib.evaluate import (
 )
 from metaflowlib.memory import PeakMemory
 from metaflowlib.methods import MetaLearner, build_method
-from metaflowlib.runtime import autocast, resolve_precision, synchronize
+from metaflowlib.precision import Choice, choose, meta_step_probe, probe_episode
+from metaflowlib.runtime import autocast, synchronize
 from metaflowlib.train import MetaTrainer, build_meta_optimizer
 
 Row = dict[str, Any]
@@ -108,13 +109,34 @@ def our_trainer(method: MetaLearner, pool: TaskPool, ways: int, shots: int, quer
     return MetaTrainer(method, sampler, optimizer, scheduler, precision=precision, **{**settings, **loop})
 
 
-def as_the_pipeline_runs(method: MetaLearner, device: torch.device, precision: str = "auto") -> tuple[MetaLearner, torch.dtype | None]:
-    """`method` on `device` with the pipeline's defaults: its autocast dtype (bf16 where the hardware has bf16
-    units and the method allows it), and channels_last for the per-example convolutional methods."""
+def as_the_pipeline_runs(method: MetaLearner, device: torch.device, pool: TaskPool, ways: int, shots: int, queries: int,
+                         tasks: int = 1, precision: str = "auto") -> tuple[MetaLearner, torch.dtype | None, Choice]:
+    """`method` on `device` as train@ runs it with the default params (precision and channels_last auto): on a CPU,
+    the precision and layout that timing this method's step at this training shape chose (cached per machine,
+    metaflowlib.precision); on a GPU bf16 where supported and channels_last. Returns the choice too."""
     method = method.to(device)
-    if method.per_example_features:
+    choice = choose(precision, "auto", device, meta_step_probe(method, probe_episode(method, pool, ways, shots, queries, tasks)))
+    if choice.channels_last:
         method = method.to(memory_format=torch.channels_last)
-    return method, method.precision(resolve_precision(precision, device))
+    return method, method.precision(choice.dtype), choice
+
+
+def choose_ahead(configs: list[Row], pools_path: str | Path) -> None:
+    """Time and cache (metaflowlib.precision) the choice of every ours/default ProtoNet training row before the rows
+    run, in this process: the row's fresh worker then reads it, and the model copies that timing makes stay out of
+    the worker's peak memory."""
+    wanted = [c for c in configs if c["case"] == "protonet_training" and c["library"] == "ours" and c.get("variant") == "default"]
+    if wanted:
+        pools, _ = load_pools(pools_path, _device(wanted[0]))
+        for c in wanted:
+            torch.manual_seed(0)
+            as_the_pipeline_runs(build_method("protonet"), _device(c), pools["train"], c["ways"], c["shots"], c["queries"])
+
+
+def precision_row(choice: Choice, precision: torch.dtype | None) -> Row:
+    """What a row says about the precision it ran in, and how that was decided."""
+    return {"precision": "bf16" if precision is not None else "fp32", "channels_last": choice.channels_last,
+            "precision_source": choice.source, "precision_rates": choice.rates}
 
 
 def _device(config: Row) -> torch.device:
@@ -131,8 +153,8 @@ def _timing(config: Row) -> dict[str, int]:
 def protonet_training(config: Row, pools: dict[str, TaskPool]) -> Row:
     """Meta-training episodes/s and peak memory of one library on one episode shape.
 
-    ours/fp32: our loop in fp32, NCHW. ours/default: the pipeline's defaults (bf16
-    autocast where the device has bf16 units, channels_last). easyfsl: its TaskSampler,
+    ours/fp32: our loop in fp32, NCHW. ours/default: the pipeline's defaults (precision and
+    channels_last auto: on a CPU what timing this step chose, on a GPU bf16 + channels_last). easyfsl: its TaskSampler,
     DataLoader and PrototypicalNetworks on the same Conv-4, fp32, as its README trains.
     minimal/eager, minimal/compile: the minimal loop (minimal.py), fp32, NCHW; compile on CUDA only.
     """
@@ -143,12 +165,14 @@ def protonet_training(config: Row, pools: dict[str, TaskPool]) -> Row:
     row: Row = {"case": "protonet_training", "library": library, "variant": variant,
                 "episode": episode_name(ways, shots, queries), "device": device.type}
     if library == "ours":
-        method, precision = (as_the_pipeline_runs(build_method("protonet"), device) if variant == "default"
-                             else (build_method("protonet").to(device), None))
+        if variant == "default":
+            method, precision, choice = as_the_pipeline_runs(build_method("protonet"), device, pool, ways, shots, queries)
+            row.update(precision_row(choice, precision))
+        else:
+            method, precision = build_method("protonet").to(device), None
+            row.update(precision="fp32", channels_last=False)
         trainer = our_trainer(method, pool, ways, shots, queries, 1, precision=precision)
         step = trainer.meta_step
-        row["precision"] = "bf16" if precision is not None else "fp32"
-        row["channels_last"] = variant == "default"
         sampler = trainer.sampler
         sample_seconds = seconds_per_call(lambda: next(sampler), device, warmup=2, calls=config["steps"], repeats=config["repeats"])
     elif library == "minimal":
@@ -277,7 +301,7 @@ def maml_gradient_agreement(inner_steps: int = 1, tasks: int = 2, hidden: int = 
 
 
 def adaptation(config: Row, pools: dict[str, TaskPool]) -> Row:
-    """Test-time cost, as the pipeline runs it (its precision; channels_last for ProtoNet): the evaluation
+    """Test-time cost, as the pipeline runs it (precision and layout auto, timed on the training step at this shape): the evaluation
     protocol's adaptation time (one task's raw support images -> theta_i), the time to adapt and label one
     task's queries, and evaluation throughput (tasks/s in batches of 50)."""
     device, pool = _device(config), pools["test"]
@@ -285,7 +309,8 @@ def adaptation(config: Row, pools: dict[str, TaskPool]) -> Row:
     kind = config["method"]
     torch.manual_seed(0)
     method = build_method(kind, **({"ways": ways, "image_size": 28, "inner_steps_eval": 3} if kind == "maml" else {}))
-    method, precision = as_the_pipeline_runs(method.eval(), device)
+    method, precision, choice = as_the_pipeline_runs(method, device, pools["train"], ways, shots, queries)  # timed at this shape
+    method.eval()
     one = pool.gather(fixed_episodes(pool, 1, ways, shots, queries, seed=0))
     batch = pool.gather(fixed_episodes(pool, 50, ways, shots, queries, seed=0))
 
@@ -299,7 +324,7 @@ def adaptation(config: Row, pools: dict[str, TaskPool]) -> Row:
     throughput = rate(lambda: adapt_and_predict(batch), batch.tasks, device, warmup=1, steps=max(1, config["steps"] // 5),
                       repeats=config["repeats"])
     return {"case": "adaptation", "library": "ours", "method": kind, "episode": episode_name(ways, shots, queries),
-            "device": device.type, "precision": "bf16" if precision is not None else "fp32",
+            "device": device.type, **precision_row(choice, precision),
             "adaptation_seconds_per_task": adapt, "adapt_and_predict_seconds_per_task": latency,
             "evaluation_tasks_per_second": throughput}
 
@@ -323,7 +348,8 @@ def time_to_accuracy(config: Row, pools: dict[str, TaskPool]) -> Row:
         method = build_method(kind, ways=train["ways"], image_size=28, inner_steps=config.get("inner_steps", 1),
                               inner_steps_eval=config.get("inner_steps_eval", 3), inner_lr=config.get("inner_lr", 0.4),
                               vectorize=config.get("vectorize", "auto"))
-    method, precision = as_the_pipeline_runs(method, device, config.get("precision", "auto"))
+    method, precision, choice = as_the_pipeline_runs(method, device, pools["train"], train["ways"], train["shots"], train["queries"],
+                                                     train["tasks"], config.get("precision", "auto"))
     val = config["validation"]
     val_indices = fixed_episodes(pools["val"], val["tasks"], val["ways"], val["shots"], val["queries"], seed=1)
 
@@ -364,7 +390,7 @@ def time_to_accuracy(config: Row, pools: dict[str, TaskPool]) -> Row:
     return {
         "case": "time_to_accuracy", "library": "ours", "method": kind, "device": device.type,
         "train_episode": episode_name(train["ways"], train["shots"], train["queries"]), "tasks_per_step": train["tasks"],
-        "precision": "bf16" if precision is not None else "fp32", "training_seconds": result.seconds,
+        **precision_row(choice, precision), "training_seconds": result.seconds,
         "wall_seconds_with_validation": wall, "meta_steps": result.episodes, "lr_halvings": halvings, "final_lr": trainer.scheduler.get_last_lr()[0],
         "validation": val, "best_val_accuracy": result.best_val_accuracy, "best_step": result.best_episode,
         "seconds_to_val_target": reached, "curve": curve, "test": test,
@@ -384,11 +410,13 @@ def profile(config: Row, pools: dict[str, TaskPool]) -> Row:
     kind = config["method"]
     torch.manual_seed(0)
     if kind == "protonet":
-        method, precision = as_the_pipeline_runs(build_method("protonet"), device)
+        method, precision, choice = as_the_pipeline_runs(build_method("protonet"), device, pools["train"], 60, 5, 5)
         trainer = our_trainer(method, pools["train"], 60, 5, 5, 1, precision=precision)
     else:
-        method, precision = as_the_pipeline_runs(build_method("maml", ways=5, image_size=28, vectorize="auto"), device)
-        trainer = our_trainer(method, pools["train"], 5, 1, 15, config.get("tasks", 32))
+        tasks = config.get("tasks", 32)
+        method, precision, choice = as_the_pipeline_runs(build_method("maml", ways=5, image_size=28, vectorize="auto"), device,
+                                                         pools["train"], 5, 1, 15, tasks)
+        trainer = our_trainer(method, pools["train"], 5, 1, 15, tasks)
     for _ in range(3):
         trainer.meta_step()
     synchronize(device)
@@ -400,7 +428,7 @@ def profile(config: Row, pools: dict[str, TaskPool]) -> Row:
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort_by, row_limit=config.get("rows", 15), max_name_column_width=48)
     return {"case": "profile", "method": kind, "device": device.type, "steps": config.get("steps", 5),
-            "precision": "bf16" if precision is not None else "fp32", "sorted_by": sort_by, "table": table}
+            **precision_row(choice, precision), "sorted_by": sort_by, "table": table}
 
 
 CASES = {f.__name__: f for f in (protonet_training, maml_training, adaptation, time_to_accuracy, profile)}

@@ -145,6 +145,10 @@ def markdown(results: Row) -> str:
         if r["case"] == "protonet_training" and r["library"] in ("ours", "minimal") and "error" not in r:
             lines.append(f"- sampling, {r['library']} {r['variant']} {r['episode']}: {1e3 * r['sampling_seconds']:.3f} ms per episode, "
                          f"{100 * r['sampling_share_of_step']:.1f}% of a meta-step")
+        if r["case"] == "protonet_training" and r.get("precision_source") and "error" not in r:
+            rates = ", ".join(f"{k} {v:.3g}" for k, v in r["precision_rates"].items())
+            lines.append(f"- precision, ours {r['variant']} {r['episode']}: {r['precision']}"
+                         f"{' + channels_last' if r['channels_last'] else ''} ({r['precision_source']}{': ' + rates + ' steps/s' if rates else ''})")
         if r["case"] == "time_to_accuracy" and "error" not in r:
             test = ", ".join(f"{k[4:]} {100 * v['accuracy']:.2f} ± {100 * v['ci95']:.2f}" for k, v in r["test"].items())
             lines.append(f"- time to accuracy, {r['method']} trained {r['train_episode']} x{r['tasks_per_step']} for "
@@ -209,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
         row = cases.maml_gradient_agreement()
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
+    if isolate:  # each worker then reads the precision choice instead of timing it (its peak memory stays its own)
+        cases.choose_ahead(configs, pools_path)
     for i, config in enumerate(configs, 1):
         label = f"[{i}/{len(configs)}] {config['case']} {config.get('library', config.get('method', ''))} {config.get('variant', '')}"
         print(f"{label} ({time.perf_counter() - started:.0f} s)", flush=True)

@@ -131,8 +131,10 @@ class TrainParams(Strict):
     val_every: int = Field(250, ge=1)  # episodes between validations (best omega by val accuracy is kept)
     validation: ValidationParams = ValidationParams()
     checkpoint_every: int = Field(500, ge=1)  # episodes (pretrain@: minibatches) between checkpoints; results do not depend on it
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where the CPU/GPU supports it
-    channels_last: bool = True  # oneDNN's fast path on CPU; Tensor Cores' on GPU
+    # auto: on a CPU the faster of fp32 and bf16 autocast (bf16 only where the CPU has bf16 units and it is >= 10%
+    # faster), timed on the method's own step and cached per machine (metaflowlib.precision); on a GPU bf16 where supported
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    channels_last: bool | Literal["auto"] = "auto"  # auto: timed with precision on a CPU (oneDNN); on on a GPU (Tensor Cores)
     progress: Literal["auto", "bar", "log", "off"] = "auto"  # auto: a bar on a terminal, a line per validation otherwise
     launcher: LauncherParams = LauncherParams()
 
