@@ -93,12 +93,15 @@ def test_a_finished_run_is_registered_promoted_and_reported_like_a_trained_metho
     train = json.loads((project / "runs" / "protonet_paper" / "train.json").read_text())
     assert train["meta_train_episodes"] == 7 and train["segments"] == 2 and train["method"] == "protonet"
 
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    run = mlflow.get_run(train["run_id"])
+    store = f"sqlite:///{project / 'mlflow.db'}"
+    mlflow.set_tracking_uri(store)
+    mlflow.set_registry_uri(store)
+    client = mlflow.MlflowClient(store, store)
+    run = client.get_run(train["run_id"])
     assert run.data.tags["paper_run"] == "protonet-tiny" and run.data.tags["segments"] == "2"
     assert run.data.tags["cards"] and run.data.tags["mixed_cards"] == "false" and run.data.tags["profile"] == "full"
-    assert [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")] == [3, 6, 7]
-    version = mlflow.MlflowClient().get_model_version_by_alias("omniglot-vinyals-protonet_paper", "production")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [3, 6, 7]
+    version = client.get_model_version_by_alias("omniglot-vinyals-protonet_paper", "production")
     assert version.tags["paper_run"] == "protonet-tiny" and version.tags["segments"] == "2"
     loaded = mlflow.pyfunc.load_model("models:/omniglot-vinyals-protonet_paper@production")
     assert loaded.metadata.run_id == train["run_id"]

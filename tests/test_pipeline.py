@@ -37,7 +37,9 @@ def project(tmp_path_factory, shared_data):
                          "param_prediction": {"kind": "param_prediction", "queries": 5,
                                               "budget": {"default": {"episodes": 100000, "seconds": 2}},  # the cap ends it
                                               "pretrain": {"batch_size": 512, "budget": {"default": {"epochs": 1}}}}}
-    params["train"].update(val_every=20, validation={"ways": 5, "shots": 1, "queries": 5, "tasks": 50})
+    # explicit precision: timing each stage's step for `auto` (tests/test_precision.py, test_resume.py) costs a minute here
+    params["train"].update(val_every=20, validation={"ways": 5, "shots": 1, "queries": 5, "tasks": 50}, precision="bf16",
+                           channels_last=True)
     params["shift"].update(methods=["protonet", "fomaml"], tasks=3, corruptions=["gaussian_noise", "fog"])
     params["tta"]["data"].update(source=str(shared_data), images=20, corruptions=["gaussian_noise", "fog"], severities=[5])
     params["tta"]["training"].update(hidden=4, epochs=1, train_images=500, batch_size=64)
