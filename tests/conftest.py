@@ -25,9 +25,9 @@ os.environ["METAFLOWLIB_CACHE_DIR"] = tempfile.mkdtemp(prefix="metaflowlib-test-
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The real pipeline's tests first: with `--dist loadfile` a file goes to a worker in collection order, and
-    test_pipeline.py (about 400 s on 2 cores) started last-but-some made the suite wait for it; started first, the
-    other worker runs every other file meanwhile."""
+    """The real pipeline's tests first: with `--dist loadfile --no-loadscope-reorder` a file goes to a worker in
+    collection order, and test_pipeline.py (about 450 s on 2 cores) started after others made the suite wait for it;
+    started first, the other worker runs every other file meanwhile."""
     items.sort(key=lambda item: item.get_closest_marker("integration") is None)
 
 
