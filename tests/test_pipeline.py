@@ -54,7 +54,9 @@ def project(tmp_path_factory, shared_data):
                                finetune={"methods": ["fomaml"], "tasks": 3, "learned_steps": 2})
     params["evaluate"].update(tasks=60, timing_tasks=5, shots_curve=[1, 5])
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    # one thread per stage: beside the other xdist worker, two threads per process oversubscribe the 2 cores, and
+    # oneDNN's convolutions then slow 2-9x (bench/results/precision_choice_cpu.json, busy_processes 1)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     commit(root, "project")
     return root, env
