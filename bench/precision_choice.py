@@ -29,12 +29,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from metaflowlib_bench.cases import load_pools, our_trainer, pools_file
 from torch import nn
 
-from metaflowlib_bench.cases import load_pools, our_trainer, pools_file
 from metaflowlib.episodes import EpisodeSampler, TaskPool
 from metaflowlib.methods import build_method
-from metaflowlib.precision import Choice, choose, meta_step_probe, probe_episode
+from metaflowlib.precision import (
+    Choice,
+    choose,
+    interleaved_rates,
+    meta_step_probe,
+    probe_episode,
+)
 from metaflowlib.runtime import device_name
 
 SHAPES = ((5, 1, 15), (60, 5, 5))
@@ -86,20 +92,7 @@ def name(impl: str, precision: str, channels_last: bool) -> str:
 def time_shape(pool: TaskPool, ways: int, shots: int, queries: int, repeats: int, block_seconds: float) -> dict:
     steps = {name(impl, p, cl): make(pool, ways, shots, queries, p == "bf16", cl)
              for impl, make in (("project", project_step), ("minimal", minimal_step)) for p, cl in VARIANTS}
-    counts = {}
-    for key, step in steps.items():
-        step()
-        step()
-        start = time.perf_counter()
-        step()
-        counts[key] = max(1, round(block_seconds / (time.perf_counter() - start)))
-    runs: dict[str, list[float]] = {key: [] for key in steps}
-    for _ in range(repeats):
-        for key, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(counts[key]):
-                step()
-            runs[key].append(counts[key] / (time.perf_counter() - start))
+    runs, counts = interleaved_rates(steps, warmup=3, repeats=repeats, block_seconds=block_seconds)
     rows = {key: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v, "steps_per_round": counts[key]}
             for key, v in runs.items()}
     for p, cl in VARIANTS:

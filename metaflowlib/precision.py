@@ -168,10 +168,17 @@ def pick(rates: dict[str, float], candidates: list[Candidate], margin: float = M
 
 def time_candidates(probe: Probe, candidates: list[Candidate], *, warmup: int = 2, repeats: int = 3,
                     block_seconds: float = 0.1) -> dict[str, float]:
-    """Steps/s of each candidate: `warmup` steps each (the last one timed, to size the rounds), then `repeats` rounds
-    that time each candidate in turn (interleaved, so a burst of load hits them all) for at least `block_seconds`;
-    the median round per candidate."""
-    steps = {label(c): probe.make(c) for c in candidates}
+    """Steps/s of each candidate: the median of `interleaved_rates`' rounds."""
+    rates, _ = interleaved_rates({label(c): probe.make(c) for c in candidates}, warmup=warmup, repeats=repeats,
+                                 block_seconds=block_seconds)
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def interleaved_rates(steps: dict[str, Step], *, warmup: int = 2, repeats: int = 3,
+                      block_seconds: float = 0.1) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Steps/s of each step per round, and the steps per round: `warmup` steps each (the last one timed, to size the
+    rounds), then `repeats` rounds that time each step in turn (interleaved, so a burst of load hits them all) for at
+    least `block_seconds`."""
     per_step = {}
     for name, step in steps.items():
         for _ in range(warmup - 1):
@@ -187,7 +194,7 @@ def time_candidates(probe: Probe, candidates: list[Candidate], *, warmup: int = 
             for _ in range(counts[name]):
                 step()
             runs[name].append(counts[name] / (time.perf_counter() - start))
-    return {name: statistics.median(values) for name, values in runs.items()}
+    return runs, counts
 
 
 # ---------------------------------------------------------------- the steps timed
