@@ -9,8 +9,11 @@
 #     memory (2 warm-up + 5 timed steps per row: well under a minute on an H100, est.).
 # Needs torch and numpy only; the peers come as wheels in .whl/ and the Omniglot files in .devdata/omniglot
 # (both ignored by git: see bench/README.md). Writes everything under $OUT (default /tmp/gpu-out).
+# WINDOW_MINUTES=N: then continue the paper runs (bench/paper_run.sh) with what is left of N minutes, less one for
+# the transfers back; their state lands in $OUT/paper_runs.
 # Rehearse on a CPU: DEVICE=cpu QUICK=--quick bash bench/gpu.sh
 set -uo pipefail
+STARTED=$SECONDS
 OUT=${OUT:-/tmp/gpu-out}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-}
@@ -32,3 +35,12 @@ fi
   python3 bench/backbone_throughput.py --device "$DEVICE" --out "$OUT/backbone_throughput.json" --warmup 2 --steps 5 $QUICK
   echo "backbone_throughput exit $?"
 } 2>&1 | tee "$OUT/log"
+if [ -n "${WINDOW_MINUTES:-}" ]; then
+  LEFT=$(python3 -c "print(round($WINDOW_MINUTES - ($SECONDS - $STARTED) / 60 - 1, 2))")
+  if python3 -c "import sys; sys.exit(0 if $LEFT > 1 else 1)"; then
+    echo "paper runs for $LEFT minutes" | tee -a "$OUT/log"
+    ALLOWANCE=$LEFT OUT="$OUT" DEVICE="${DEVICE/cuda/auto}" bash bench/paper_run.sh
+  else
+    echo "no time left of WINDOW_MINUTES=$WINDOW_MINUTES for the paper runs" | tee -a "$OUT/log"
+  fi
+fi
