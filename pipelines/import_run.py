@@ -25,9 +25,6 @@ from metaflowlib.errors import ConfigError, DataError
 from metaflowlib.io import read_json, write_csv, write_json
 from metaflowlib.serving.fewshot import log_pyfunc_model
 
-CURVE = ["episode", "seconds", "train_loss", "train_accuracy", "val_accuracy", "lr"]
-
-
 def main() -> None:
     p = params()
     key = sys.argv[1] if len(sys.argv) == 2 else None
@@ -75,7 +72,9 @@ def log_training(p: Params, key: str, record: dict, method, extra: dict, run_dir
     import mlflow
 
     plan, segments = record["plan"], record["segments"]
-    curve = list(csv.DictReader((run_dir / "curve.csv").open()))
+    with (run_dir / "curve.csv").open() as handle:
+        reader = csv.DictReader(handle)
+        curve, columns = list(reader), list(reader.fieldnames or [])
     tags = {"method": method.kind, "method_key": key, "profile": "full", "dataset": p.data.name, "data_digest": info_digest(PREPARED),
             "paper_run": record["name"], "cards": ", ".join(record["cards"]), "segments": str(len(segments)),
             "mixed_cards": str(record["mixed_cards"]).lower(), "memory_kind": record["memory_kind"]}
@@ -92,7 +91,7 @@ def log_training(p: Params, key: str, record: dict, method, extra: dict, run_dir
         omega = save_meta_knowledge(method, ROOT / declared("import", "models/*", key=key),
                                     extra={**extra, "method_key": key, "dataset": p.data.name, "run_id": run.info.run_id})
         model_uri = log_pyfunc_model(omega, ways=method.fixed_ways or 2, tent=p.serving.tent_fewshot.model_dump())
-        write_csv(ROOT / declared("import", "*/train_curve.csv", key=key), curve, CURVE)
+        write_csv(ROOT / declared("import", "*/train_curve.csv", key=key), curve, columns)
         train = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "model_uri": model_uri, "method": method.kind,
                  "profile": "full", "memory_kind": record["memory_kind"], "budget_capped": False, "paper_run": record["name"],
                  "cards": record["cards"], "segments": len(segments), **costs}

@@ -89,6 +89,18 @@ def class_images(classes: int, per_class: int, size: int = 28, seed: int = 0) ->
 TOY_DIGEST = "toy-fixed-tasks"  # episodes digest of the toy evaluations below: the same fixed tasks unless told
 
 
+def save_synthetic_prepared(prepared: Path, classes: int, per_class: int) -> None:
+    """A prepared dataset (train/val/test, `classes` classes of `per_class` 28x28 images each, one seed per split) in
+    the pipeline's layout, as the `prepare` stage writes Omniglot."""
+    from metaflowlib.data.prepare import Split, save_splits
+
+    splits = {}
+    for i, name in enumerate(("train", "val", "test")):
+        images, labels = class_images(classes, per_class, seed=i)
+        splits[name] = Split(images, labels, [f"c{c}" for c in range(classes)])
+    save_splits(splits, prepared, {"dataset": "synthetic"})
+
+
 def task_accuracies(mean: float, tasks: int = 100, spread: float = 0.1, seed: int = 0) -> list[float]:
     """`tasks` per-task accuracies averaging exactly `mean`: half the tasks at mean - d, half at mean + d, with
     d = `spread` narrowed to keep every accuracy in [0, 1], in an order fixed by `seed` (the same seed, the same

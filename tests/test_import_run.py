@@ -15,7 +15,7 @@ import mlflow
 import pytest
 import yaml
 
-from conftest import ROOT, class_images, load_stage
+from conftest import ROOT, load_stage, save_synthetic_prepared
 from test_paper_run import SPEC
 from test_rgb_pipeline import DRIVER
 
@@ -28,7 +28,6 @@ RUN = {**SPEC, "evaluate": {"settings": {"3w1s": [3, 1]}, "tasks": 6, "queries":
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    from metaflowlib.data.prepare import Split, save_splits
     from metaflowlib.data.store import load_split
 
     root = tmp_path_factory.mktemp("import")
@@ -45,11 +44,7 @@ def project(tmp_path_factory):
     params["shift"]["methods"] = []
     params["optimizer"]["finetune"]["methods"] = []
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    splits = {}
-    for i, name in enumerate(("train", "val", "test")):
-        images, labels = class_images(8, 6, seed=i)
-        splits[name] = Split(images, labels, [f"c{c}" for c in range(8)])
-    save_splits(splits, root / "data" / "prepared", {"dataset": "synthetic"})
+    save_synthetic_prepared(root / "data" / "prepared", 8, 6)
     arrays = {}
     for split in ("train", "val", "test"):  # the paper run's pools: the prepared splits, in the harness's layout
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = load_split(root / "data" / "prepared", split)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, class_images, load_stage
+from conftest import ROOT, load_stage, save_synthetic_prepared
 
 EPISODES = 300
 PRETRAIN = {"kind": "param_prediction", "hidden": 8, "ways": 5, "shots": 2, "queries": 3,  # 96 images in batches of 8:
@@ -24,8 +24,6 @@ PRETRAIN = {"kind": "param_prediction", "hidden": 8, "ways": 5, "shots": 2, "que
 def make_project(root, methods: dict | None = None, train: dict | None = None):
     """A copy of the pipeline code with a small synthetic prepared dataset and an episode budget (`train`: more
     train.* params)."""
-    from metaflowlib.data.prepare import Split, save_splits
-
     shutil.copytree(ROOT / "pipelines", root / "pipelines")
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")  # the stages find their paths there
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -36,11 +34,7 @@ def make_project(root, methods: dict | None = None, train: dict | None = None):
     params["train"].update(val_every=50, checkpoint_every=2, progress="log",
                            validation={"ways": 5, "shots": 1, "queries": 3, "tasks": 20}, **(train or {}))
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    splits = {}
-    for i, name in enumerate(("train", "val", "test")):
-        images, labels = class_images(12, 8, seed=i)
-        splits[name] = Split(images, labels, [f"c{c}" for c in range(12)])
-    save_splits(splits, root / "data" / "prepared", {"dataset": "synthetic"})
+    save_synthetic_prepared(root / "data" / "prepared", 12, 8)
     return root
 
 
